@@ -1,0 +1,36 @@
+# README's two commands: `make demo` and `make test`. Everything a fresh clone needs is installed from here.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TINY   := examples/tiny
+
+.PHONY: setup demo test tiny-model bench clean
+
+setup: $(STAMP) $(TINY)/base-model/config.json
+
+# torch first, from the pinned CPU build, so nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[train,eval,dev]'
+	touch $(STAMP)
+
+tiny-model: $(TINY)/base-model/config.json
+
+$(TINY)/base-model/config.json: $(TINY)/build_base_model.py | $(STAMP)
+	$(PY) $(TINY)/build_base_model.py $(TINY)/base-model
+
+demo: setup
+	$(VENV)/bin/swiftci run -c $(TINY)/swiftci.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) $(TINY)/base-model $(TINY)/out .pytest_cache

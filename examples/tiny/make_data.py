@@ -1,0 +1,46 @@
+"""Generate the tiny example's reversal data (deterministic): `python examples/tiny/make_data.py`.
+
+Writes data/train.jsonl (chat `messages` rows) and data/validation.jsonl (held-out words, never in train), plus
+the lm-eval task data under tasks/. The files are checked in; rerun this only to change them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+HERE = Path(__file__).parent
+PROMPT = "reverse: {w}"  # one fixed phrasing: a 2-layer model learns the task in seconds this way
+
+
+def words(rng: random.Random, n: int, exclude: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        w = "".join(rng.choice(string.ascii_lowercase) for _ in range(4))
+        if w not in exclude and w not in out:
+            out.append(w)
+    return out
+
+
+def row(word: str) -> dict:
+    return {"messages": [{"role": "user", "content": PROMPT.format(w=word)},
+                         {"role": "assistant", "content": word[::-1]}]}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def main() -> None:
+    rng = random.Random(2026)
+    held_out = words(rng, 100, set())
+    train = words(rng, 2000, set(held_out))
+    write_jsonl(HERE / "data/train.jsonl", [row(w) for w in train])
+    write_jsonl(HERE / "data/validation.jsonl", [row(w) for w in held_out])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The `swiftci` command: parses options, calls the library, and is the only place that turns errors into messages
+and exit codes (0 ok, 1 gate failed, 2 bad usage or config, 3 a stage could not run, 4 training diverged)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+import traceback
+
+import click
+
+from swiftci import __version__
+from swiftci.errors import EXIT_STAGE_FAILED, ConfigError, SwiftCIError
+
+_LOCATED = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+): (?P<msg>.*)$")
+
+
+def _annotate(message: str) -> None:
+    """In GitHub Actions, config problems become file/line annotations on the pull request."""
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        return
+    for line in message.splitlines():
+        m = _LOCATED.match(line)
+        text = (m.group("msg") if m else line).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        where = f" file={m.group('file')},line={m.group('line')}" if m else ""
+        print(f"::error{where}::{text}", flush=True)
+
+
+def _errors_to_exit_codes(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SwiftCIError as e:
+            prefix = "config error" if isinstance(e, ConfigError) else "error"
+            if isinstance(e, ConfigError) and len(e.problems) > 1:
+                click.echo(f"{prefix}: {len(e.problems)} problems", err=True)
+                for p in e.problems:
+                    click.echo(f"  {p}", err=True)
+            else:
+                click.echo(f"{prefix}: {e}", err=True)
+            if isinstance(e, ConfigError):
+                _annotate(str(e))
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception:  # a bug in swiftci or a library: show it, but never as "gate failed" (1)
+            traceback.print_exc()
+            click.echo("error: unexpected failure (above); please report it", err=True)
+            sys.exit(EXIT_STAGE_FAILED)
+
+    return wrapper
+
+
+def _config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config value, e.g. --set train.learning_rate=2e-5 (repeatable).")(fn)
+    fn = click.option("-c", "--config", "config_path", default="swiftci.yaml", show_default=True,
+                      type=click.Path(dir_okay=False), help="Path to swiftci.yaml.")(fn)
+    return fn
+
+
+def _load(config_path: str, overrides: tuple[str, ...]):
+    from swiftci import config
+
+    cfg = config.load(config_path, overrides)
+    for w in cfg.warnings:
+        click.echo(f"warning: {w}", err=True)
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="swiftci")
+def main() -> None:
+    """CI/CD for fine-tuning and shipping LLMs: train → evaluate → quantize → deploy.
+
+    Exit codes: 0 ok, 1 a quality gate failed, 2 bad usage or config, 3 a stage could not run,
+    4 training diverged.
+    """
+
+
+@main.command()
+@_config_options
+@_errors_to_exit_codes
+def validate(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Check the config and the files it points to (no GPU needed, nothing is loaded)."""
+    from swiftci import pipeline
+
+    cfg = _load(config_path, overrides)
+    stages = pipeline.configured_stages(cfg)
+    click.echo(f"{config_path}: ok (stages: {', '.join(stages) or 'none'})")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of swiftci.yaml (for editor completion)."""
+    from swiftci import config
+
+    click.echo(json.dumps(config.json_schema(), indent=2))
+
+
+@main.command()
+@_config_options
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint (start over if there is none).")
+@_errors_to_exit_codes
+def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
+    """Fine-tune the base model (LoRA, QLoRA or full SFT)."""
+    from swiftci import train as train_stage
+
+    cfg = _load(config_path, overrides)
+    report = train_stage.run(cfg, resume=resume)
+    m = report["metrics"]
+    click.echo(f"train: ok  run {report['run_id']}  loss {m['train_loss_first']:.4f} → {m['train_loss_last']:.4f}  "
+               f"{m['steps']} steps  {m['tokens_per_second']} tok/s  outputs: {cfg.stage_dir('train')}")
+
+
+@main.command()
+@_config_options
+@click.option("--resume", is_flag=True, help="Resume training from its newest checkpoint.")
+@_errors_to_exit_codes
+def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
+    """Run every configured stage in order, stopping at the first failure."""
+    from swiftci import pipeline
+
+    cfg = _load(config_path, overrides)
+    pipeline.run(cfg, resume=resume, say=lambda s: click.echo(s, err=True))
+
+
+if __name__ == "__main__":
+    main()

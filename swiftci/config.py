@@ -1,0 +1,497 @@
+"""swiftci.yaml: one typed model per section, the only home of defaults, and a loader that reports every problem at
+once with its file, line and path (`swiftci.yaml:14: train.lora.rank: must be greater than 0`).
+
+Relative paths in the config are relative to the folder that holds the config file; they are kept as written in
+the model (so a config dumps and hashes the same on every machine) and resolved with `Config.resolve()`.
+`${VAR}` and `${VAR:-default}` in string values are expanded from the environment at load time (`$${` is a literal
+`${`); an unset variable without a default is an error that names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from swiftci.errors import ConfigError
+
+DEFAULT_CONFIG = "swiftci.yaml"
+
+
+# --- paths that must exist -------------------------------------------------------------------------------------
+
+
+def _existing(kind: Literal["file", "dir", "any"]):
+    def check(value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        if base is None:  # validated without a file on disk (e.g. a test building a model in code)
+            return value
+        full = value if value.is_absolute() else Path(base) / value
+        if not full.exists():
+            raise ValueError(f"{kind if kind != 'any' else 'path'} not found: {value} (resolved to {full}); "
+                             "fix the path (relative paths are relative to the config file's folder)")
+        if kind == "file" and not full.is_file():
+            raise ValueError(f"{value} is a folder; point it at a file")
+        if kind == "dir" and not full.is_dir():
+            raise ValueError(f"{value} is a file; point it at a folder")
+        return value
+
+    return AfterValidator(check)
+
+
+ExistingFile = Annotated[Path, _existing("file")]
+ExistingDir = Annotated[Path, _existing("dir")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- model -----------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelConfig(Section):
+    id: str = Field(
+        description="Base model: a local folder (relative to this file) or a Hugging Face hub id, "
+        "e.g. `Qwen/Qwen2.5-0.5B-Instruct`.",
+        min_length=1,
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Revision of a hub model to use (commit sha, tag or branch), e.g. a 40-character commit sha. "
+        "Unset: the hub's default branch; the commit actually used is recorded in run.json either way.",
+    )
+
+    @model_validator(mode="after")
+    def _check_id(self, info: ValidationInfo) -> ModelConfig:
+        base = (info.context or {}).get("base_dir")
+        looks_local = self.id.startswith((".", "/", "~"))
+        if base is not None and (looks_local or (Path(base) / self.id).exists()):
+            full = Path(base) / Path(self.id).expanduser()
+            if not full.is_dir():
+                raise ValueError(f"id: local model folder not found: {self.id} (resolved to {full}); "
+                                 "fix the path or use a hub id such as `org/name`")
+            if self.revision is not None:
+                raise ValueError("revision: only hub ids have revisions; remove it for a local model folder")
+        elif not looks_local and not _HUB_ID.match(self.id):
+            raise ValueError(f"id: {self.id!r} is neither an existing folder nor a hub id like `org/name`")
+        return self
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+class DataConfig(Section):
+    train: ExistingFile = Field(description="Training rows, JSONL, e.g. `data/train.jsonl`.")
+    validation: ExistingFile | None = Field(
+        default=None,
+        description="Held-out rows, JSONL, e.g. `data/validation.jsonl`. Unset: no validation loss; "
+        "quantize then measures perplexity on the last rows of `train`.",
+    )
+    format: Literal["auto", "messages", "alpaca", "preference"] = Field(
+        default="auto",
+        description="Row format: `messages` (chat: {messages: [{role, content}]}), `alpaca` "
+        "({instruction, input, output}), `preference` ({prompt, chosen, rejected}); `auto` detects it "
+        "from the first row.",
+    )
+
+
+# --- train -----------------------------------------------------------------------------------------------------
+
+
+class LoraConfig(Section):
+    rank: int = Field(default=16, gt=0, description="LoRA rank r, e.g. 8-64; higher learns more, costs more memory.")
+    alpha: float = Field(default=32, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA path, e.g. 0.05.")
+    target_modules: str | list[str] = Field(
+        default="all-linear",
+        description="Modules that get adapters: `all-linear` or a list of module names, e.g. `[q_proj, v_proj]`.",
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["sft"] = Field(default="sft", description="Training method: `sft` (supervised fine-tuning).")
+    tuner: Literal["lora", "qlora", "full"] = Field(
+        default="lora",
+        description="`lora` (adapters on frozen weights), `qlora` (LoRA on a 4-bit base; needs a CUDA GPU), "
+        "`full` (every weight; most memory).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate, e.g. 2e-4 for LoRA, 2e-5 full.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Stop after this many optimizer steps. Unset: train for `epochs`."
+    )
+    batch_size: int = Field(default=4, gt=0, description="Rows per device per micro-batch.")
+    gradient_accumulation: int = Field(
+        default=1, gt=0, description="Micro-batches per optimizer step; effective batch = batch_size × this × GPUs."
+    )
+    max_length: int = Field(default=2048, gt=0, description="Tokens per row; longer rows are truncated.")
+    seed: int = Field(default=42, description="Seed for weights init, data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="`auto`: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: ~30% slower, much less memory."
+    )
+    save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
+    logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
+    merge: bool = Field(default=False, description="Also write the adapter merged into the base model (`model/`).")
+
+
+# --- the whole file --------------------------------------------------------------------------------------------
+
+
+class Config(Section):
+    name: str = Field(
+        description="Run name, e.g. `support-bot`; run ids are `<name>-<method>-<yyyymmdd>-<short sha>`.",
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
+    )
+    owner: str | None = Field(default=None, description="Who is mentioned on failures, e.g. `@alice`.")
+    output_dir: Path = Field(
+        default=Path("out"), description="Where stages write their outputs (`<output_dir>/<stage>/`)."
+    )
+    model: ModelConfig = Field(description="The base model.")
+    data: DataConfig | None = Field(default=None, description="Training data. Required with a `train` section.")
+    train: TrainConfig | None = Field(default=None, description="Fine-tuning. Unset: the pipeline has no train stage.")
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default=DEFAULT_CONFIG)
+    _env_values: list[str] = PrivateAttr(default_factory=list)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sections_fit(self) -> Config:
+        if self.train is not None and self.data is None:
+            raise ValueError("data: a `train` section needs a `data` section with at least `train:`")
+        return self
+
+    # Helpers for stage code -----------------------------------------------------------------------------------
+
+    def resolve(self, path: Path | str) -> Path:
+        """A config path made absolute against the config file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.output_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.output_path / stage
+
+    @property
+    def model_local_path(self) -> Path | None:
+        """The base model's folder when `model.id` is local, else None (a hub id)."""
+        candidate = self.resolve(self.model.id)
+        if self.model.id.startswith((".", "/", "~")) or candidate.is_dir():
+            return candidate
+        return None
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def env_values(self) -> list[str]:
+        """Values that came from `${VAR}` references: treated as secrets wherever swiftci writes or sends text."""
+        return list(self._env_values)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._warnings)
+
+    def fingerprint(self) -> str:
+        """sha256 of the validated config with defaults filled in, paths as written."""
+        data = self.model_dump(mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
+_ENV_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.S)
+
+
+class _Located:
+    """Where each key of the YAML document sits: path tuple -> 1-based line."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple, int] = {}
+
+    def line_of(self, path: tuple) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), None)
+
+
+def _walk_nodes(node: yaml.Node, path: tuple, where: _Located, problems: list[tuple[tuple, str]]) -> None:
+    where.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                where.lines[path + (key,)] = key_node.start_mark.line + 1
+                problems.append((path + (key,), f"duplicate key '{key}' (an earlier one would be silently ignored)"))
+            seen.add(key)
+            where.lines[path + (key,)] = key_node.start_mark.line + 1
+            _walk_nodes(value_node, path + (key,), where, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            where.lines[path + (i,)] = item.start_mark.line + 1
+            _walk_nodes(item, path + (i,), where, problems)
+
+
+def _expand_env(value: Any, path: tuple, problems: list[tuple[tuple, str]], secrets: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path + (k,), problems, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path + (i,), problems, secrets) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def repl(m: re.Match) -> str:
+        if m.group(1):  # $${...} is a literal ${...}
+            return "${" + m.group(2) + "}"
+        ref = _ENV_NAME.match(m.group(2))
+        if not ref:
+            problems.append((path, f"bad environment reference ${{{m.group(2)}}}; write ${{NAME}} or ${{NAME:-default}}"))
+            return ""
+        name, default = ref.group(1), ref.group(2)
+        if name in os.environ:
+            if os.environ[name]:
+                secrets.append(os.environ[name])
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append((path, f"environment variable {name} is not set; export it or write ${{{name}:-default}}"))
+        return ""
+
+    return _ENV_REF.sub(repl, value)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """`--set train.learning_rate=2e-5` -> [("train.learning_rate", "2e-5")]; values are parsed as YAML."""
+    parsed = []
+    bad = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$", key.strip()):
+            bad.append(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set train.learning_rate=2e-5")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    if bad:
+        raise ConfigError(bad)
+    return parsed
+
+
+def _fields_at(model: type[BaseModel], path: tuple) -> dict | None:
+    """The fields of the section model found at `path`, or None."""
+    cur: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        cur = _section_type(cur.model_fields[part].annotation)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return cur.model_fields
+    return None
+
+
+def _section_type(annotation: Any) -> Any:
+    """The BaseModel inside `X | None` or `list[X]`, else the annotation itself."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        inner = _section_type(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def _display_path(raw: Any, loc: tuple) -> tuple:
+    """Drop pydantic's union-member tags from a location, keeping the parts that exist in the document."""
+    out: list = []
+    cur = raw
+    for i, part in enumerate(loc):
+        if isinstance(cur, dict) and part in cur:
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, dict) and i == len(loc) - 1 and isinstance(part, str):
+            out.append(part)  # a missing key
+        elif isinstance(cur, dict) and isinstance(part, str) and part not in ("function-after", "function-before"):
+            # a missing section with errors below it (e.g. a required key inside an absent mapping)
+            if not any(c in part for c in "[]-"):
+                out.append(part)
+                cur = {}
+    return tuple(out)
+
+
+def _dotted(path: tuple) -> str:
+    s = ""
+    for part in path:
+        s += f"[{part}]" if isinstance(part, int) else (f".{part}" if s else str(part))
+    return s or "(top level)"
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    return f" — did you mean '{close[0]}'?" if close else ""
+
+
+def _message(err: dict, path: tuple, root: type[BaseModel]) -> str:
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        fields = _fields_at(root, path[:-1]) or {}
+        return f"unknown key '{path[-1]}'" + (_suggest(path[-1], list(fields)) or f"; known keys: {', '.join(fields)}")
+    if kind == "missing":
+        return "is required"
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
+        listed = ", ".join(f"'{o}'" for o in options)
+        return f"must be one of {listed} (got {given!r})" + _suggest(given, options)
+    msg = err["msg"]
+    msg = re.sub(r"^Value error, ", "", msg)
+    msg = re.sub(r"^Input should be ", "must be ", msg)
+    msg = msg.replace("Input should be ", "must be ")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind in ("greater_than", "greater_than_equal",
+                                                                       "less_than", "less_than_equal",
+                                                                       "string_pattern_mismatch"):
+        if not isinstance(given, (dict, list)):
+            msg += f" (got {given!r})"
+    return msg
+
+
+def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ...] = (), *,
+         check_files: bool = True) -> Config:
+    """Read, expand, override and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    label = str(path)
+    if not path.is_file():
+        raise ConfigError([f"{label}: config file not found; pass -c PATH or create {DEFAULT_CONFIG}"
+                           " (see examples/tiny/swiftci.yaml)"])
+    text = path.read_text(encoding="utf-8")
+    where = _Located()
+    problems: list[tuple[tuple, str]] = []
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([f"{label}:{line}: YAML syntax error: {e.problem or e}"
+                           + (f" ({e.context})" if e.context else "")]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{label}: YAML error: {e}"]) from None
+    if raw is None:
+        raise ConfigError([f"{label}:1: the config is empty; start from examples/tiny/swiftci.yaml"])
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{label}:1: the config must be a mapping of sections (name, model, data, train, …)"])
+    _walk_nodes(node, (), where, problems)
+
+    secrets: list[str] = []
+    raw = _expand_env(raw, (), problems, secrets)
+    from_cli: set[tuple] = set()
+    for key, value in parse_overrides(overrides):
+        _set_path(raw, key, value)
+        from_cli.add(tuple(key.split(".")))
+
+    def located(p: tuple, message: str) -> str:
+        for cli_path in from_cli:
+            if p[: len(cli_path)] == cli_path:
+                return f"--set {_dotted(p)}: {message}"
+        line = where.line_of(p)
+        return f"{label}:{line or 1}: {_dotted(p)}: {message}"
+
+    messages = [located(p, m) for p, m in problems]
+    context = {"base_dir": path.resolve().parent} if check_files else None
+    cfg = None
+    try:
+        cfg = Config.model_validate(raw, context=context)
+    except ValidationError as e:
+        by_path: dict[tuple, list[str]] = {}
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            # model-level validators report "section: message" — move the section into the path
+            msg_text = err["msg"]
+            m = re.match(r"^Value error, ([a-z_]+): (.*)$", msg_text, re.S)
+            if err["type"] == "value_error" and m:
+                loc = loc + (m.group(1),)
+                err = {**err, "msg": m.group(2)}
+            shown = _display_path(raw, loc)
+            msg = _message(err, shown, Config)
+            by_path.setdefault(shown, [])
+            if msg not in by_path[shown]:
+                by_path[shown].append(msg)
+        for p, msgs in by_path.items():
+            messages.append(located(p, " or ".join(msgs)))
+    if messages:
+        raise ConfigError(messages)
+    assert cfg is not None
+    cfg._base_dir = path.resolve().parent
+    cfg._source = label
+    cfg._env_values = secrets
+    if cfg.model_local_path is None and cfg.model.revision is None:
+        cfg._warnings.append(
+            f"{label}:{where.line_of(('model', 'id'))}: model.revision: not set, so the hub's default branch is "
+            "used and may change; pin a commit sha for reproducible runs"
+        )
+    return cfg
+
+
+def json_schema() -> dict:
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "swiftci.yaml"
+    return schema

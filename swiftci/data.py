@@ -1,0 +1,171 @@
+"""Training rows: read JSONL, detect the format, turn rows into chat messages, and tokenize them with the model's
+chat template so that the loss falls only on assistant tokens.
+
+Row formats (`data.format`):
+- messages:   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+- alpaca:     {"instruction": "...", "input": "...", "output": "...", "system"?: "..."}
+- preference: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from swiftci.errors import UsageError
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path.name}:{n}: not valid JSON ({e.msg}); each line must be one JSON object")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path.name}:{n}: expected a JSON object, got {type(row).__name__}")
+                continue
+            rows.append(row)
+        if len(problems) > 10:
+            problems = problems[:10] + [f"… and {len(problems) - 10} more bad lines"]
+    if problems:
+        raise UsageError("bad rows in data file:\n" + "\n".join(problems))
+    if not rows:
+        raise UsageError(f"{path.name}: no rows; the data file is empty")
+    return rows
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def detect_format(rows: list[dict], declared: str, source: str) -> str:
+    if declared != "auto":
+        return declared
+    first = rows[0]
+    if "messages" in first:
+        return "messages"
+    if {"prompt", "chosen", "rejected"} <= first.keys():
+        return "preference"
+    if {"instruction", "output"} <= first.keys():
+        return "alpaca"
+    raise UsageError(
+        f"{source}: cannot tell the row format from the first row (keys: {', '.join(sorted(first)) or 'none'}); "
+        "use `messages`, `instruction`/`output` (alpaca) or `prompt`/`chosen`/`rejected` rows, "
+        "or set data.format"
+    )
+
+
+def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
+    """One row as chat messages; raises UsageError naming the row and the missing field."""
+    if fmt == "messages":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise UsageError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise UsageError(f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UsageError(f"{where}: no assistant message, so there is nothing to learn from this row")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if fmt == "alpaca":
+        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
+            raise UsageError(f"{where}: alpaca rows need string `instruction` and `output`")
+        prompt = row["instruction"]
+        if row.get("input"):
+            prompt += "\n\n" + str(row["input"])
+        msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    if fmt == "preference":
+        raise UsageError(f"{where}: preference rows (prompt/chosen/rejected) are for preference tuning; "
+                         "train.method `sft` needs `messages` or alpaca rows")
+    raise UsageError(f"{where}: unknown data format {fmt!r}")
+
+
+def load_conversations(path: Path, declared_format: str) -> tuple[list[list[dict]], str]:
+    rows = read_jsonl(path)
+    fmt = detect_format(rows, declared_format, path.name)
+    return [to_messages(r, fmt, f"{path.name}: row {i + 1}") for i, r in enumerate(rows)], fmt
+
+
+def _assistant_spans(tokenizer: Any, msgs: list[dict], text: str, where: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns (content and end-of-turn marker) inside the rendered chat."""
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise UsageError(
+                f"{where}: the model's chat template renders earlier turns differently once later turns are added, "
+                "so assistant tokens cannot be located; use a model whose template is prefix-stable"
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def tokenize_sft(conversations: list[list[dict]], tokenizer: Any, max_length: int, source: str) -> tuple[list[dict], int]:
+    """Token ids and labels (-100 outside assistant turns), truncated at max_length.
+
+    Returns the examples and how many rows were dropped because truncation left no assistant token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(
+            "the base model's tokenizer has no chat template; use an instruct/chat model, or add a "
+            "`chat_template.jinja` to a local copy of the model"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError("the base model has no fast tokenizer (tokenizer.json); swiftci needs token offsets to "
+                         "train only on assistant tokens")
+    examples = []
+    dropped = 0
+    for n, msgs in enumerate(conversations):
+        where = f"{source}: row {n + 1}"
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        spans = _assistant_spans(tokenizer, msgs, text, where)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                        max_length=max_length)
+        labels = []
+        for tok_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            inside = any(s <= start < e for s, e in spans) and end > start
+            labels.append(tok_id if inside else -100)
+        if all(x == -100 for x in labels):
+            dropped += 1
+            continue
+        examples.append({"input_ids": enc["input_ids"], "labels": labels})
+    return examples, dropped
+
+
+class PadCollator:
+    """Pads a batch to its longest row: input ids with the pad token, labels with -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        width = max(len(x["input_ids"]) for x in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(batch):
+            n = len(x["input_ids"])
+            ids[i, :n] = torch.tensor(x["input_ids"])
+            labels[i, :n] = torch.tensor(x["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

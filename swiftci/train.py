@@ -1,0 +1,396 @@
+"""The train stage: supervised fine-tuning (LoRA, QLoRA or full) with transformers + peft, resumable, recording how
+the model was made.
+
+Outputs in `<output_dir>/train/`:
+  adapter/            LoRA adapter + tokenizer (lora, qlora)
+  model/              full model (full) or the adapter merged into the base (`merge: true`) + tokenizer
+  checkpoints/        every `save_steps`; `--resume` continues from the newest
+  loss.jsonl          one line per logging step
+  run.json            lineage: config hash, data sha256 and row counts, base model revision or content hash,
+                      git commit, seed, package versions, owner
+  train_report.json   {"version": 1, "stage": "train", "status", "run_id", "metrics", "outputs"}
+
+The report is written first with status "running" and replaced at the end, so a crash or a kill never leaves a
+report that says "ok".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from swiftci import data as datalib
+from swiftci import models, reports, runinfo
+from swiftci.config import Config
+from swiftci.errors import StageError, SwiftCIError, UsageError
+
+STAGE = "train"
+REPORT = "train_report.json"
+RUN_MARKER = "swiftci-run.json"  # in checkpoints/: run id and config hash, so --resume refuses a changed config
+LOGGED_PACKAGES = ("swiftci", "torch", "transformers", "peft", "trl", "accelerate", "tokenizers", "bitsandbytes")
+OOM_TIPS = ("lower `train.batch_size` and raise `train.gradient_accumulation` to keep the effective batch, "
+            "set `train.gradient_checkpointing: true`, lower `train.max_length`, or use `train.tuner: qlora`")
+
+
+def check_runnable(cfg: Config) -> None:
+    """What must hold before anything is loaded (exit 2): a train section, and hardware for the chosen options."""
+    tc = cfg.train
+    if tc is None:
+        raise UsageError(f"{cfg.source}: no `train` section; add one (see examples/tiny/swiftci.yaml)")
+    needs_cuda = []
+    if tc.tuner == "qlora":
+        needs_cuda.append("train.tuner: qlora loads the base model in 4 bits with bitsandbytes, which needs a CUDA "
+                          "GPU; on this machine use `tuner: lora` (or `full`), or run on a GPU runner")
+    if tc.precision == "fp16":
+        needs_cuda.append("train.precision: fp16 mixed precision needs a CUDA GPU; use `bf16`, `fp32` or `auto`")
+    if needs_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("no CUDA GPU found:\n" + "\n".join(needs_cuda))
+    if tc.tuner == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("train.tuner: qlora needs bitsandbytes: pip install 'swiftci[train]'") from None
+
+
+def run(cfg: Config, *, resume: bool = False) -> dict:
+    check_runnable(cfg)
+    out = cfg.stage_dir(STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    fingerprint = _train_fingerprint(cfg)
+    run_id, last_ckpt = _resume_point(cfg, ckpt_dir, fingerprint, resume)
+    started = time.monotonic()
+    reports.write_json(out / REPORT, reports.new_report(STAGE, "running", run_id=run_id))
+    try:
+        report = _train(cfg, out, ckpt_dir, run_id, last_ckpt, started)
+    except SwiftCIError as e:
+        _fail(out, run_id, started, str(e), type(e).__name__)
+        raise
+    except MemoryError:
+        _fail(out, run_id, started, "out of memory (host RAM)", "OutOfMemory")
+        raise StageError(f"training ran out of host memory; {OOM_TIPS}") from None
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            _fail(out, run_id, started, "CUDA out of memory", "OutOfMemory")
+            raise StageError(f"training ran out of GPU memory; {OOM_TIPS}") from None
+        _fail(out, run_id, started, f"{type(e).__name__}: {e}", type(e).__name__)
+        raise StageError(f"training failed: {type(e).__name__}: {e}") from e
+    return report
+
+
+def _fail(out: Path, run_id: str, started: float, reason: str, kind: str) -> None:
+    reports.write_json(out / REPORT, reports.new_report(
+        STAGE, "failed", run_id=run_id, error={"kind": kind, "reason": reason},
+        metrics={"wall_seconds": round(time.monotonic() - started, 2)}))
+
+
+def _train_fingerprint(cfg: Config) -> str:
+    """Hash of what decides the trained weights: model, data, train sections (not notifications or later stages)."""
+    import hashlib
+
+    parts = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "data", "train")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _resume_point(cfg: Config, ckpt_dir: Path, fingerprint: str, resume: bool) -> tuple[str, Path | None]:
+    marker = ckpt_dir / RUN_MARKER
+    if resume and marker.is_file():
+        saved = json.loads(marker.read_text())
+        last = _last_checkpoint(ckpt_dir)
+        if last is not None:
+            if saved.get("train_config_sha256") != fingerprint:
+                raise UsageError(
+                    f"--resume: the model, data or train settings changed since {last.name} was written, so "
+                    "resuming would mix two different runs; drop --resume to start over"
+                )
+            print(f"resuming {saved['run_id']} from {last.name}", flush=True)
+            return saved["run_id"], last
+    if resume:
+        print("--resume: no checkpoint yet, starting from the beginning", flush=True)
+    if ckpt_dir.exists():  # checkpoints of an earlier run must not be mistaken for this one's
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True)
+    rid = runinfo.run_id(cfg.name, cfg.train.method, cfg.resolve("."))
+    reports.write_json(marker, {"run_id": rid, "train_config_sha256": fingerprint})
+    return rid, None
+
+
+def _last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _precision(tc_precision: str) -> tuple[str, Any]:
+    import torch
+
+    if tc_precision == "auto":
+        if torch.cuda.is_available():
+            return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+        return "fp32", torch.float32
+    return tc_precision, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc_precision]
+
+
+def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path | None, started: float) -> dict:
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import logging as hf_logging
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tc = cfg.train
+    set_seed(tc.seed)
+    local = cfg.model_local_path
+    precision, dtype = _precision(tc.precision)
+    on_cuda = torch.cuda.is_available()
+
+    # Data ------------------------------------------------------------------------------------------------------
+    tokenizer = models.load_tokenizer(cfg.model.id, cfg.model.revision, local)
+    train_path = cfg.resolve(cfg.data.train)
+    conversations, fmt = datalib.load_conversations(train_path, cfg.data.format)
+    train_set, dropped = datalib.tokenize_sft(conversations, tokenizer, tc.max_length, train_path.name)
+    if not train_set:
+        raise UsageError(f"{train_path.name}: every row was truncated before its first assistant token; "
+                         "raise train.max_length")
+    data_record = {"train": {"file": str(cfg.data.train), "sha256": datalib.sha256_file(train_path),
+                             "format": fmt, "rows": len(conversations), "rows_used": len(train_set),
+                             "rows_dropped_no_target_after_truncation": dropped}}
+    eval_set = None
+    if cfg.data.validation is not None:
+        val_path = cfg.resolve(cfg.data.validation)
+        val_convs, val_fmt = datalib.load_conversations(val_path, cfg.data.format)
+        eval_set, val_dropped = datalib.tokenize_sft(val_convs, tokenizer, tc.max_length, val_path.name)
+        data_record["validation"] = {"file": str(cfg.data.validation), "sha256": datalib.sha256_file(val_path),
+                                     "format": val_fmt, "rows": len(val_convs), "rows_used": len(eval_set)}
+
+    # Model -----------------------------------------------------------------------------------------------------
+    extra: dict[str, Any] = {}
+    if tc.tuner == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        extra["device_map"] = {"": torch.cuda.current_device()}
+    # full fine-tuning keeps fp32 master weights under mixed precision; adapters train on a base in compute dtype
+    load_dtype = torch.float32 if tc.tuner == "full" else dtype
+    model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=load_dtype, **extra)
+    base_record = {"id": cfg.model.id, "revision_requested": cfg.model.revision}
+    if local is not None:
+        base_record["sha256"] = models.folder_sha256(local)
+    else:
+        base_record["revision_resolved"] = models.resolved_revision(cfg.model.id, cfg.model.revision, model)
+    if tc.tuner in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if tc.tuner == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing)
+        target = tc.lora.target_modules
+        model = get_peft_model(model, LoraConfig(
+            r=tc.lora.rank, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+            target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    # Trainer ---------------------------------------------------------------------------------------------------
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=tc.batch_size,
+        per_device_eval_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.gradient_accumulation,
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        num_train_epochs=tc.epochs,
+        max_steps=tc.max_steps or -1,
+        seed=tc.seed,
+        data_seed=tc.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=tc.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
+        logging_steps=tc.logging_steps,
+        save_strategy="steps",
+        save_steps=tc.save_steps,
+        save_total_limit=tc.save_total_limit,
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=on_cuda,
+        remove_unused_columns=False,
+    )
+
+    class LengthGroupedSampler(torch.utils.data.Sampler):
+        """Batches of similar lengths (less padding), reshuffled per epoch from `seed + epoch` so a resumed run
+        sees exactly the order an uninterrupted one would."""
+
+        def __init__(self, lengths: list[int], group: int, seed: int):
+            self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return len(self.lengths)
+
+        def __iter__(self):
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.group, generator=gen))
+
+    lengths = [len(x["input_ids"]) for x in train_set]
+    group = tc.batch_size * tc.gradient_accumulation
+
+    class SwiftTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return LengthGroupedSampler(lengths, group, tc.seed)
+
+    loss_path = out / "loss.jsonl"
+    history = _loss_history(loss_path, last_ckpt)
+    progress = _Progress(TrainerCallback, loss_path, history)
+    trainer = SwiftTrainer(model=model, args=args, train_dataset=train_set, data_collator=datalib.PadCollator(
+        tokenizer.pad_token_id), processing_class=tokenizer, callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per logging step instead
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tokens_before = _tokens_seen(last_ckpt)
+    t0 = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(last_ckpt) if last_ckpt else None)
+    train_seconds = time.monotonic() - t0
+    state = trainer.state
+    session_tokens = state.num_input_tokens_seen - tokens_before
+
+    validation_loss = None
+    if eval_set:
+        validation_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
+
+    # Outputs ---------------------------------------------------------------------------------------------------
+    outputs: dict[str, str] = {}
+    if tc.tuner == "full":
+        _save_atomic(out / "model", lambda d: (trainer.model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        outputs["model"] = "model"
+    else:
+        _save_atomic(out / "adapter", lambda d: (trainer.model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        outputs["adapter"] = "adapter"
+        if tc.merge:
+            if tc.tuner == "qlora":  # never merge into 4-bit weights: reload the base in compute dtype
+                base = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=dtype)
+                _save_atomic(out / "model", lambda d: models.merge_adapter(base, out / "adapter", d, tokenizer))
+            else:
+                merged = trainer.model.merge_and_unload()
+                _save_atomic(out / "model", lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)))
+            outputs["model"] = "model"
+
+    losses = [r["loss"] for r in progress.records]
+    if on_cuda:
+        peak_mb, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
+    else:
+        peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_rss"
+    metrics = {
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "validation_loss": validation_loss,
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0, 4),
+        "tokens": state.num_input_tokens_seen,
+        "tokens_per_second": round(session_tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.monotonic() - started, 2),
+        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_kind": memory_kind,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "resumed_from_step": int(last_ckpt.name.split("-")[1]) if last_ckpt else None,
+    }
+    lineage = {
+        "version": reports.REPORT_VERSION,
+        "run_id": run_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "owner": cfg.owner,
+        "config": {"file": Path(cfg.source).name, "sha256": cfg.fingerprint(),
+                   "train_sha256": _train_fingerprint(cfg)},
+        "git": runinfo.git_commit(cfg.resolve(".")),
+        "base_model": base_record,
+        "data": data_record,
+        "train": {**tc.model_dump(mode="json"), "precision_used": precision},
+        "seed": tc.seed,
+        "hardware": {"device": torch.cuda.get_device_name(0) if on_cuda else "cpu",
+                     "gpus": torch.cuda.device_count(), "torch_threads": torch.get_num_threads()},
+        "packages": runinfo.package_versions(LOGGED_PACKAGES),
+        "outputs": outputs,
+    }
+    reports.write_json(out / "run.json", lineage)
+    report = reports.new_report(STAGE, "ok", run_id=run_id, method=tc.method, tuner=tc.tuner,
+                                base_model=cfg.model.id, metrics=metrics, outputs=outputs,
+                                loss_log="loss.jsonl", lineage="run.json")
+    reports.write_json(out / REPORT, report)
+    return report
+
+
+def _save_atomic(target: Path, save) -> None:
+    """Save into a sibling temp folder, then swap it in: no half-written model beside a finished report."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _tokens_seen(ckpt: Path | None) -> int:
+    if ckpt is None:
+        return 0
+    return json.loads((ckpt / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+
+
+def _loss_history(loss_path: Path, last_ckpt: Path | None) -> list[dict]:
+    """On resume, keep the logged steps up to the checkpoint; on a fresh run, start an empty log."""
+    if last_ckpt is None or not loss_path.is_file():
+        reports.write_text(loss_path, "")
+        return []
+    upto = int(last_ckpt.name.split("-")[1])
+    kept = [json.loads(x) for x in loss_path.read_text().splitlines() if x.strip()]
+    kept = [r for r in kept if r["step"] <= upto]
+    reports.write_text(loss_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _Progress(base: type, loss_path: Path, history: list[dict]):
+    """A TrainerCallback (built lazily: transformers is imported only here) that appends to loss.jsonl and prints
+    one line per logging step."""
+
+    class Progress(base):
+        def __init__(self) -> None:
+            self.records = list(history)
+            self.t0 = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
+                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                   "tokens": state.num_input_tokens_seen, "elapsed_s": round(time.monotonic() - self.t0, 2)}
+            self.records.append(rec)
+            with open(loss_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            gn = rec["grad_norm"]
+            print(f"step {state.global_step}/{state.max_steps}  loss {rec['loss']:.4f}  "
+                  f"lr {rec['learning_rate']:.2e}  grad_norm {gn if gn is None else f'{gn:.3f}'}",
+                  file=sys.stderr, flush=True)
+
+    return Progress()
