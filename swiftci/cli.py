@@ -64,6 +64,10 @@ def _config_options(fn):
     return fn
 
 
+def _num(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
 def _load(config_path: str, overrides: tuple[str, ...]):
     from swiftci import config
 
@@ -114,8 +118,9 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
     cfg = _load(config_path, overrides)
     report = train_stage.run(cfg, resume=resume)
     m = report["metrics"]
-    click.echo(f"train: ok  run {report['run_id']}  loss {m['train_loss_first']:.4f} → {m['train_loss_last']:.4f}  "
-               f"{m['steps']} steps  {m['tokens_per_second']} tok/s  outputs: {cfg.stage_dir('train')}")
+    click.echo(f"train: ok  run {report['run_id']}  loss {_num(m['train_loss_first'])} → "
+               f"{_num(m['train_loss_last'])}  {m['steps']} steps  {_num(m['tokens_per_second'], 0)} tok/s  "
+               f"outputs: {cfg.stage_dir('train')}")
 
 
 @main.command()

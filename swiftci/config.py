@@ -59,6 +59,14 @@ ExistingFile = Annotated[Path, _existing("file")]
 ExistingDir = Annotated[Path, _existing("dir")]
 
 
+def _run_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?", value):
+        raise ValueError(f"must be 1-40 lowercase letters, digits or dashes, starting and ending with a letter or "
+                         f"digit, e.g. `support-bot` (it names run ids, image tags and Kubernetes objects); "
+                         f"got {value!r}")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -168,9 +176,8 @@ class TrainConfig(Section):
 
 
 class Config(Section):
-    name: str = Field(
+    name: Annotated[str, AfterValidator(_run_name)] = Field(
         description="Run name, e.g. `support-bot`; run ids are `<name>-<method>-<yyyymmdd>-<short sha>`.",
-        pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
     )
     owner: str | None = Field(default=None, description="Who is mentioned on failures, e.g. `@alice`.")
     output_dir: Path = Field(

@@ -23,6 +23,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path 
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     hf_logging.disable_progress_bar()
     tc = cfg.train
     set_seed(tc.seed)
@@ -220,9 +222,10 @@ def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path 
         data_seed=tc.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=tc.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
+        activation_checkpointing=tc.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
         logging_steps=tc.logging_steps,
+        logging_first_step=True,
         save_strategy="steps",
         save_steps=tc.save_steps,
         save_total_limit=tc.save_total_limit,

@@ -1,0 +1,45 @@
+"""Baseline for bench/train_throughput.py: the plain transformers Trainer (+ peft for LoRA) script a user would
+write by hand, on the same model, data and hyperparameters as swiftci. Prints one JSON line with its throughput.
+
+    python bench/baselines/plain_trainer.py MODEL_DIR DATA.jsonl TUNER BATCH MAX_LENGTH MAX_STEPS LR
+"""
+
+import json
+import sys
+import tempfile
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments,
+                          set_seed)
+
+model_dir, data_path, tuner, batch, max_length, max_steps, lr = sys.argv[1:8]
+set_seed(42)
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+if tuner == "lora":
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+
+rows = [json.loads(x)["messages"] for x in open(data_path)]
+examples = []
+for msgs in rows:
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = tok(full, add_special_tokens=False, truncation=True, max_length=int(max_length))["input_ids"]
+    labels = [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids):]
+    examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+
+with tempfile.TemporaryDirectory() as out:
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(max_steps),
+                             learning_rate=float(lr), lr_scheduler_type="cosine", warmup_steps=0.03, seed=42,
+                             logging_steps=25, save_strategy="no", report_to="none", disable_tqdm=True,
+                             include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False)
+    trainer = Trainer(model=model, args=args, train_dataset=examples,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+    result = trainer.train()
+    seconds = result.metrics["train_runtime"]
+    print(json.dumps({"tokens": trainer.state.num_input_tokens_seen, "seconds": seconds,
+                      "tokens_per_second": trainer.state.num_input_tokens_seen / seconds}))

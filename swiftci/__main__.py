@@ -1,0 +1,3 @@
+from swiftci.cli import main
+
+main()

@@ -1,0 +1,92 @@
+"""Shared fixtures: the tiny base model, configs written into tmp folders, and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny"
+SWIFTCI = [sys.executable, "-m", "swiftci.cli"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The example's base model, built once (about 20 s) if `make tiny-model` has not built it yet."""
+    path = TINY / "base-model"
+    if not (path / "config.json").is_file():
+        subprocess.run([sys.executable, str(TINY / "build_base_model.py"), str(path)], check=True)
+    return path
+
+
+def tiny_config(tiny_model: Path, out: Path, **sections) -> dict:
+    """The tiny example's config with absolute paths, the given sections merged over it."""
+    cfg = yaml.safe_load((TINY / "swiftci.yaml").read_text())
+    cfg["model"]["id"] = str(tiny_model)
+    cfg["data"] = {"train": str(TINY / "data/train.jsonl"), "validation": str(TINY / "data/validation.jsonl"),
+                   "format": "messages"}
+    cfg["output_dir"] = str(out)
+    for key, value in sections.items():
+        if value is None:
+            cfg.pop(key, None)
+        elif isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = _merge(cfg[key], value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def swiftci(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600,
+            check: int | None = None) -> subprocess.CompletedProcess:
+    """Run the real `swiftci` entry point in a subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([*SWIFTCI, *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
+                          timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def greedy_exact_match(model_dir: Path, rows_path: Path, adapter_dir: Path | None = None) -> float:
+    """Held-out exact match with greedy decoding, computed independently of swiftci's evaluate stage."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    rows = [json.loads(x) for x in Path(rows_path).read_text().splitlines() if x.strip()]
+    tok.padding_side = "left"
+    prompts = [tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False) for r in rows]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    answers = [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+    return sum(a == r["messages"][-1]["content"] for a, r in zip(answers, rows)) / len(rows)

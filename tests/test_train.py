@@ -1,0 +1,156 @@
+"""Real training of the tiny model through `swiftci train`: it learns, it records how, it resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, SWIFTCI, TINY, greedy_exact_match, read_json, swiftci, tiny_config, write_config
+from swiftci.data import sha256_file
+
+pytestmark = pytest.mark.slow
+VALIDATION = TINY / "data" / "validation.jsonl"
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model, tmp_path_factory):
+    """One LoRA fine-tune of the tiny example (shared by the tests that only read its outputs)."""
+    work = tmp_path_factory.mktemp("lora")
+    cfg = write_config(work / "swiftci.yaml", tiny_config(tiny_model, work / "out"))
+    proc = swiftci("train", "-c", str(cfg), check=0)
+    return work / "out" / "train", proc
+
+
+def test_lora_learns_the_task(lora_run, tiny_model):
+    out, proc = lora_run
+    report = read_json(out / "train_report.json")
+    assert report["version"] == 1 and report["stage"] == "train" and report["status"] == "ok"
+    m = report["metrics"]
+    assert m["train_loss_last"] < m["train_loss_first"] / 5
+    assert m["steps"] == 375 and m["tokens"] > 0 and m["tokens_per_second"] > 0
+    assert m["peak_memory_mb"] > 0 and m["wall_seconds"] >= m["train_seconds"]
+    assert greedy_exact_match(tiny_model, VALIDATION) <= 0.05
+    assert greedy_exact_match(tiny_model, VALIDATION, adapter_dir=out / "adapter") >= 0.9
+    # merge: true also wrote a standalone model that answers the same way
+    assert greedy_exact_match(out / "model", VALIDATION) >= 0.9
+    assert f"run {report['run_id']}" in proc.stdout
+
+
+def test_lineage_record(lora_run, tiny_model):
+    out, _ = lora_run
+    run = read_json(out / "run.json")
+    report = read_json(out / "train_report.json")
+    assert run["run_id"] == report["run_id"]
+    assert run["run_id"].startswith("tiny-reverse-sft-")
+    assert run["data"]["train"]["sha256"] == sha256_file(TINY / "data/train.jsonl")
+    assert run["data"]["train"]["rows"] == 2000 and run["data"]["train"]["rows_used"] == 2000
+    assert run["data"]["validation"]["rows"] == 100
+    assert len(run["base_model"]["sha256"]) == 64
+    assert run["seed"] == 42 and run["train"]["tuner"] == "lora"
+    assert run["packages"]["torch"] and run["packages"]["transformers"] and run["packages"]["peft"]
+    assert run["owner"] == "@swiftci-maintainers"
+    assert len(run["config"]["sha256"]) == 64
+    assert "sha" in run["git"]
+    losses = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == [1, *range(25, 376, 25)]
+    assert losses[-1]["loss"] == report["metrics"]["train_loss_last"]
+
+
+def test_full_finetune_learns_the_task(tiny_model, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(
+        tiny_model, tmp_path / "out", train={"tuner": "full", "learning_rate": 1e-3, "merge": False}))
+    swiftci("train", "-c", str(cfg), check=0)
+    out = tmp_path / "out" / "train"
+    report = read_json(out / "train_report.json")
+    assert report["outputs"] == {"model": "model"} and not (out / "adapter").exists()
+    assert report["metrics"]["trainable_parameters"] == report["metrics"]["total_parameters"]
+    assert greedy_exact_match(out / "model", VALIDATION) >= 0.9
+
+
+def _resume_config(tiny_model, work):
+    return write_config(work / "swiftci.yaml", tiny_config(
+        tiny_model, work / "out", train={"max_steps": 250, "save_steps": 100, "logging_steps": 10, "merge": False}))
+
+
+def test_killed_run_resumes_to_the_same_loss(tiny_model, tmp_path):
+    """Kill a run after its second checkpoint (inside epoch 2), resume it, and compare with an uninterrupted run."""
+    straight = _resume_config(tiny_model, tmp_path / "straight")
+    swiftci("train", "-c", str(straight), check=0)
+    expected = read_json(tmp_path / "straight/out/train/train_report.json")["metrics"]
+
+    cfg = _resume_config(tiny_model, tmp_path / "killed")
+    out = tmp_path / "killed/out/train"
+    proc = subprocess.Popen([*SWIFTCI, "train", "-c", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints/checkpoint-200/trainer_state.json").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_report = read_json(out / "train_report.json")
+    assert killed_report["status"] == "running", "a killed run must not leave a report that says ok"
+    assert not (out / "adapter").exists()
+
+    resumed = swiftci("train", "-c", str(cfg), "--resume", check=0)
+    assert "resuming" in resumed.stdout + resumed.stderr
+    got = read_json(out / "train_report.json")["metrics"]
+    assert got["resumed_from_step"] == 200
+    assert got["steps"] == expected["steps"] == 250
+    assert got["train_loss_last"] == pytest.approx(expected["train_loss_last"], abs=1e-5)
+    assert got["tokens"] == expected["tokens"]
+    straight_log = [json.loads(x) for x in (tmp_path / "straight/out/train/loss.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed_log] == [r["step"] for r in straight_log]
+    assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in straight_log], abs=1e-5)
+
+
+def test_resume_refuses_a_changed_config(tiny_model, tmp_path):
+    cfg = _resume_config(tiny_model, tmp_path)
+    swiftci("train", "-c", str(cfg), "--set", "train.max_steps=100", check=0)
+    proc = swiftci("train", "-c", str(cfg), "--set", "train.max_steps=100", "--set", "train.learning_rate=1e-2",
+                   "--resume")
+    assert proc.returncode == 2
+    assert "changed since checkpoint-100" in proc.stderr
+
+
+def test_local_model_never_calls_the_hub(tiny_model, tmp_path, httpserver):
+    """No hub call on a local path: the hub endpoint and every proxy point at a recorder that must stay silent."""
+    httpserver.expect_request("/").respond_with_data("")
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(
+        tiny_model, tmp_path / "out", train={"max_steps": 5, "merge": False}))
+    url = httpserver.url_for("/")
+    env = {"HF_ENDPOINT": url, "HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+           "NO_PROXY": "", "no_proxy": "", "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    swiftci("train", "-c", str(cfg), env=env, check=0)
+    assert httpserver.log == [], [str(r) for r, _ in httpserver.log]
+
+
+def test_alpaca_rows_train(tiny_model, tmp_path):
+    rows = [json.loads(x)["messages"] for x in (TINY / "data/train.jsonl").read_text().splitlines()[:64]]
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": m[0]["content"], "input": "", "output": m[1]["content"]})
+                              + "\n" for m in rows))
+    cfg = tiny_config(tiny_model, tmp_path / "out", train={"max_steps": 4, "merge": False})
+    cfg["data"] = {"train": str(alpaca), "format": "auto"}
+    swiftci("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)), check=0)
+    run = read_json(tmp_path / "out/train/run.json")
+    assert run["data"]["train"]["format"] == "alpaca" and run["data"]["train"]["rows_used"] == 64
+
+
+def test_bad_data_row_is_a_usage_error(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   "{not json\n")
+    cfg = tiny_config(tiny_model, tmp_path / "out")
+    cfg["data"] = {"train": str(bad)}
+    proc = swiftci("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
+    assert proc.returncode == 2
+    assert "bad.jsonl:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert read_json(tmp_path / "out/train/train_report.json")["status"] == "failed"
