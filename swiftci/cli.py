@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -121,6 +122,26 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
     click.echo(f"train: ok  run {report['run_id']}  loss {_num(m['train_loss_first'])} → "
                f"{_num(m['train_loss_last'])}  {m['steps']} steps  {_num(m['tokens_per_second'], 0)} tok/s  "
                f"outputs: {cfg.stage_dir('train')}")
+
+
+@main.command()
+@_config_options
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Evaluate this model or adapter folder instead of the train stage's output (e.g. a quantized model).")
+@click.option("--baseline", help="Override evaluate.baseline: `base`, `none` or an earlier eval_report.json.")
+@_errors_to_exit_codes
+def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | None, baseline: str | None) -> None:
+    """Score the model with lm-eval against the baseline and apply the quality gates (exit 1 when one fails)."""
+    from swiftci import evaluate as evaluate_stage
+
+    cfg = _load(config_path, overrides)
+    try:
+        report = evaluate_stage.run(cfg, model_dir=model_dir, baseline=baseline)
+    finally:
+        md = cfg.stage_dir("evaluate") / evaluate_stage.MARKDOWN
+        if md.is_file():
+            click.echo(md.read_text())
+    click.echo(f"evaluate: {report['status']}  outputs: {cfg.stage_dir('evaluate')}")
 
 
 @main.command()

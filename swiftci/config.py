@@ -172,6 +172,121 @@ class TrainConfig(Section):
     merge: bool = Field(default=False, description="Also write the adapter merged into the base model (`model/`).")
 
 
+# --- evaluate --------------------------------------------------------------------------------------------------
+
+_PERCENT = re.compile(r"^\s*(\d+(\.\d+)?)\s*%\s*$")
+
+
+class GateConfig(Section):
+    metric: str = Field(
+        description="`<task>/<metric>` as lm-eval names them, e.g. `tiny_reverse/exact_match` or "
+        "`gsm8k/exact_match,strict-match`.",
+        pattern=r"^[^/\s]+/[^/\s]+$",
+    )
+    min: float | None = Field(default=None, description="Fail when the candidate's value is below this, e.g. 0.6.")
+    max: float | None = Field(
+        default=None, description="Fail when the value is above this (for lower-is-better metrics such as perplexity)."
+    )
+    max_drop: float | str | None = Field(
+        default=None,
+        description="Largest allowed worsening against the baseline: absolute (e.g. 0.02) or a percentage of the "
+        "baseline (e.g. `\"2%\"`). Needs a baseline. Direction follows the metric's higher_is_better.",
+    )
+    margin: Literal["none", "stderr"] = Field(
+        default="none",
+        description="`stderr` widens max_drop by the combined standard error of candidate and baseline, so noise "
+        "on small eval sets does not fail the gate.",
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> GateConfig:
+        if self.min is None and self.max is None and self.max_drop is None:
+            raise ValueError("min: a gate needs at least one of `min`, `max` or `max_drop`")
+        if isinstance(self.max_drop, str):
+            if not _PERCENT.match(self.max_drop):
+                raise ValueError(f"max_drop: {self.max_drop!r} is neither a number nor a percentage like \"2%\"")
+        elif self.max_drop is not None and self.max_drop < 0:
+            raise ValueError("max_drop: must be >= 0 (it is the largest allowed worsening)")
+        return self
+
+    @property
+    def task(self) -> str:
+        return self.metric.split("/", 1)[0]
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.split("/", 1)[1]
+
+    def allowed_drop(self, baseline: float) -> float | None:
+        """max_drop as an absolute amount for this baseline value."""
+        if self.max_drop is None:
+            return None
+        if isinstance(self.max_drop, str):
+            return abs(baseline) * float(_PERCENT.match(self.max_drop).group(1)) / 100
+        return float(self.max_drop)
+
+
+def _baseline(value: str, info: ValidationInfo) -> str:
+    if value in ("base", "none"):
+        return value
+    base = (info.context or {}).get("base_dir")
+    if base is not None:
+        full = Path(base) / value
+        if not full.is_file():
+            raise ValueError(f"must be `base`, `none` or the path of an earlier eval_report.json; {value} "
+                             f"(resolved to {full}) is not a file")
+    return value
+
+
+class EvaluateConfig(Section):
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-eval task names (e.g. `hellaswag`, `gsm8k`) or names of local task YAMLs under `task_dir`.",
+    )
+    task_dir: ExistingDir | None = Field(
+        default=None,
+        description="Folder of local task YAMLs in lm-eval's own format, e.g. `eval/tasks`; paths inside them are "
+        "relative to it. Unset: only lm-eval's built-in tasks.",
+    )
+    limit: float | None = Field(
+        default=None, gt=0, description="Rows per task: a count (e.g. 200) or a fraction below 1. Unset: all rows."
+    )
+    num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples. Unset: each task's default.")
+    batch_size: int = Field(default=8, gt=0, description="Requests per forward pass.")
+    apply_chat_template: bool = Field(
+        default=True, description="Format prompts with the model's chat template (right for chat/instruct models)."
+    )
+    baseline: Annotated[str, AfterValidator(_baseline)] = Field(
+        default="base",
+        description="What deltas are measured against: `base` (this run's base model; with a LoRA adapter the base "
+        "weights are loaded once and scored with the adapter disabled), a path to an earlier eval_report.json "
+        "(e.g. the production model's), or `none`.",
+    )
+    gates: list[GateConfig] = Field(
+        default_factory=list, description="Quality gates; the stage fails (exit 1) when any gate fails."
+    )
+
+
+def local_task_metrics(task_dir: Path) -> dict[str, list[str] | None]:
+    """Task name -> metric names declared in local lm-eval YAMLs (None when the YAML does not list them)."""
+
+    class _Lenient(yaml.SafeLoader):
+        pass
+
+    _Lenient.add_multi_constructor("!", lambda loader, suffix, node: None)
+    found: dict[str, list[str] | None] = {}
+    for path in sorted(task_dir.rglob("*.yaml")):
+        try:
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_Lenient)
+        except yaml.YAMLError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+            metrics = doc.get("metric_list")
+            found[doc["task"]] = ([m.get("metric") for m in metrics if isinstance(m, dict)]
+                                  if isinstance(metrics, list) else None)
+    return found
+
+
 # --- the whole file --------------------------------------------------------------------------------------------
 
 
@@ -186,6 +301,9 @@ class Config(Section):
     model: ModelConfig = Field(description="The base model.")
     data: DataConfig | None = Field(default=None, description="Training data. Required with a `train` section.")
     train: TrainConfig | None = Field(default=None, description="Fine-tuning. Unset: the pipeline has no train stage.")
+    evaluate: EvaluateConfig | None = Field(
+        default=None, description="lm-eval evaluation and quality gates. Unset: no evaluate stage."
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default=DEFAULT_CONFIG)
@@ -193,9 +311,27 @@ class Config(Section):
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
-    def _sections_fit(self) -> Config:
+    def _sections_fit(self, info: ValidationInfo) -> Config:
         if self.train is not None and self.data is None:
             raise ValueError("data: a `train` section needs a `data` section with at least `train:`")
+        ev = self.evaluate
+        if ev is not None:
+            base = (info.context or {}).get("base_dir")
+            local = local_task_metrics(Path(base) / ev.task_dir) if ev.task_dir and base else {}
+            problems = []
+            for i, gate in enumerate(ev.gates):
+                where = f"evaluate.gates[{i}].metric"
+                if gate.task not in ev.tasks:
+                    problems.append(f"{where}: task '{gate.task}' is not in evaluate.tasks "
+                                    f"({', '.join(ev.tasks)}){_suggest(gate.task, ev.tasks)}")
+                elif local.get(gate.task) and gate.metric_name.split(",")[0] not in local[gate.task]:
+                    problems.append(f"{where}: task '{gate.task}' produces {', '.join(local[gate.task])}, "
+                                    f"not '{gate.metric_name}'{_suggest(gate.metric_name, local[gate.task])}")
+                if gate.max_drop is not None and ev.baseline == "none":
+                    problems.append(f"evaluate.gates[{i}].max_drop: needs a baseline, but evaluate.baseline is "
+                                    "`none`; set it to `base` or an earlier eval_report.json, or use `min`")
+            if problems:
+                raise ValueError("\n".join(problems))
         return self
 
     # Helpers for stage code -----------------------------------------------------------------------------------
@@ -416,6 +552,28 @@ def _message(err: dict, path: tuple, root: type[BaseModel]) -> str:
     return msg
 
 
+_RELATIVE_PATH = re.compile(r"^([a-z_]\w*(?:\.[a-z_]\w*|\[\d+\])*): (.*)$", re.S)
+
+
+def _split_model_errors(err: dict) -> list[tuple[tuple, dict]]:
+    """Model-level validators report lines of `relative.path[0].key: message`; give each its own location."""
+    loc = tuple(err["loc"])
+    if err["type"] != "value_error":
+        return [(loc, err)]
+    text = re.sub(r"^Value error, ", "", err["msg"])
+    out = []
+    for line in text.split("\n"):
+        m = _RELATIVE_PATH.match(line)
+        if not m:
+            out.append((loc, {**err, "msg": line}))
+            continue
+        rel: list = []
+        for part in re.findall(r"[a-z_]\w*|\[\d+\]", m.group(1)):
+            rel.append(int(part[1:-1]) if part.startswith("[") else part)
+        out.append((loc + tuple(rel), {**err, "msg": m.group(2)}))
+    return out
+
+
 def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ...] = (), *,
          check_files: bool = True) -> Config:
     """Read, expand, override and validate a config file; raise ConfigError listing every problem."""
@@ -469,18 +627,12 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
     except ValidationError as e:
         by_path: dict[tuple, list[str]] = {}
         for err in e.errors():
-            loc = tuple(err["loc"])
-            # model-level validators report "section: message" — move the section into the path
-            msg_text = err["msg"]
-            m = re.match(r"^Value error, ([a-z_]+): (.*)$", msg_text, re.S)
-            if err["type"] == "value_error" and m:
-                loc = loc + (m.group(1),)
-                err = {**err, "msg": m.group(2)}
-            shown = _display_path(raw, loc)
-            msg = _message(err, shown, Config)
-            by_path.setdefault(shown, [])
-            if msg not in by_path[shown]:
-                by_path[shown].append(msg)
+            for loc, err in _split_model_errors(err):
+                shown = _display_path(raw, loc)
+                msg = _message(err, shown, Config)
+                by_path.setdefault(shown, [])
+                if msg not in by_path[shown]:
+                    by_path[shown].append(msg)
         for p, msgs in by_path.items():
             messages.append(located(p, " or ".join(msgs)))
     if messages:

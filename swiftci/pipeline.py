@@ -7,7 +7,7 @@ from collections.abc import Callable
 from swiftci.config import Config
 from swiftci.errors import SwiftCIError
 
-STAGES = ("train",)
+STAGES = ("train", "evaluate")
 
 
 def configured_stages(cfg: Config) -> list[str]:
@@ -29,6 +29,10 @@ def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print
                 from swiftci import train
 
                 done[stage] = train.run(cfg, resume=resume)
+            elif stage == "evaluate":
+                from swiftci import evaluate
+
+                done[stage] = evaluate.run(cfg)
         except SwiftCIError:
             say(f"==> {stage} failed; its report: {cfg.stage_dir(stage)}")
             raise

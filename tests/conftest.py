@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -32,6 +34,7 @@ def tiny_config(tiny_model: Path, out: Path, **sections) -> dict:
     cfg["data"] = {"train": str(TINY / "data/train.jsonl"), "validation": str(TINY / "data/validation.jsonl"),
                    "format": "messages"}
     cfg["output_dir"] = str(out)
+    cfg["evaluate"]["task_dir"] = str(TINY / "tasks")
     for key, value in sections.items():
         if value is None:
             cfg.pop(key, None)
@@ -40,6 +43,23 @@ def tiny_config(tiny_model: Path, out: Path, **sections) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, tmp_path_factory):
+    """The tiny example trained once with LoRA (+ merged model), shared by tests that only read its outputs.
+
+    Tests that run later stages copy it with `clone_trained` so each writes its own outputs."""
+    work = tmp_path_factory.mktemp("trained")
+    cfg = write_config(work / "swiftci.yaml", tiny_config(tiny_model, work / "out"))
+    proc = swiftci("train", "-c", str(cfg), check=0)
+    return SimpleNamespace(config=cfg, work=work, train_dir=work / "out" / "train", proc=proc)
+
+
+def clone_trained(trained, dest: Path, tiny_model: Path, **sections) -> Path:
+    """A config in `dest` whose output_dir already holds the shared training outputs (checkpoints left out)."""
+    shutil.copytree(trained.train_dir, dest / "out" / "train", ignore=shutil.ignore_patterns("checkpoints"))
+    return write_config(dest / "swiftci.yaml", tiny_config(tiny_model, dest / "out", **sections))
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -64,6 +84,17 @@ def swiftci(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+def swiftci_in_process(*args: str) -> SimpleNamespace:
+    """Run the real CLI in this process with click's CliRunner: same code path, without paying Python, torch and
+    lm-eval start-up again for every call (used by the evaluate tests, which call it many times)."""
+    from click.testing import CliRunner
+
+    from swiftci.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
 def read_json(path: Path) -> dict:

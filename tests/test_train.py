@@ -18,12 +18,8 @@ VALIDATION = TINY / "data" / "validation.jsonl"
 
 
 @pytest.fixture(scope="session")
-def lora_run(tiny_model, tmp_path_factory):
-    """One LoRA fine-tune of the tiny example (shared by the tests that only read its outputs)."""
-    work = tmp_path_factory.mktemp("lora")
-    cfg = write_config(work / "swiftci.yaml", tiny_config(tiny_model, work / "out"))
-    proc = swiftci("train", "-c", str(cfg), check=0)
-    return work / "out" / "train", proc
+def lora_run(trained):
+    return trained.train_dir, trained.proc
 
 
 def test_lora_learns_the_task(lora_run, tiny_model):

@@ -1,7 +1,7 @@
 """Generate the tiny example's reversal data (deterministic): `python examples/tiny/make_data.py`.
 
 Writes data/train.jsonl (chat `messages` rows) and data/validation.jsonl (held-out words, never in train), plus
-the lm-eval task data under tasks/. The files are checked in; rerun this only to change them.
+the lm-eval task data under tasks/ (the same held-out words; 6-letter words for the strict example). The files are checked in; rerun this only to change them.
 """
 
 from __future__ import annotations
@@ -34,12 +34,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def mc_row(rng: random.Random, word: str) -> dict:
+    """Four choices: the reversal, the word itself, a rotation, and the reversal of a rotation."""
+    wrong = [word, word[1:] + word[0], (word[1:] + word[0])[::-1]]
+    choices = [word[::-1]] + [w for w in wrong if w != word[::-1]][:3]
+    rng.shuffle(choices)
+    return {"word": word, "choices": choices, "label": choices.index(word[::-1])}
+
+
 def main() -> None:
     rng = random.Random(2026)
     held_out = words(rng, 100, set())
     train = words(rng, 2000, set(held_out))
     write_jsonl(HERE / "data/train.jsonl", [row(w) for w in train])
     write_jsonl(HERE / "data/validation.jsonl", [row(w) for w in held_out])
+    # lm-eval task data (tasks/*.yaml): the held-out words, and 6-letter words the model never learned
+    write_jsonl(HERE / "tasks/reverse.jsonl", [{"word": w, "reversed": w[::-1]} for w in held_out])
+    write_jsonl(HERE / "tasks/reverse_mc.jsonl", [mc_row(rng, w) for w in held_out])
+    six = ["".join(rng.choice(string.ascii_lowercase) for _ in range(6)) for _ in range(50)]
+    write_jsonl(HERE / "tasks/reverse6.jsonl", [{"word": w, "reversed": w[::-1]} for w in six])
 
 
 if __name__ == "__main__":

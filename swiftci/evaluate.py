@@ -1,0 +1,517 @@
+"""The evaluate stage: score a model with lm-evaluation-harness (`simple_evaluate`), compare it with a baseline, and
+apply the quality gates. Fails closed: a crash, an unknown task, a missing or NaN metric or zero samples never
+passes.
+
+Outputs in `<output_dir>/evaluate/`:
+  eval_report.json     {"version": 1, "stage": "evaluate", "status", "metrics": {task: {metric: {value, stderr,
+                       baseline, delta}}}, "gates": [{metric, rule, value, passed, reason}], "passed"}
+  eval_report.md       one table a reviewer reads: metric | baseline | candidate | Δ (± stderr) | gate | ✅/❌
+  lm_eval/             lm-eval's own results JSON for the candidate and the baseline
+
+With `baseline: base` and a LoRA adapter, the base weights are loaded once: the baseline is the same model with the
+adapter disabled, so no second model load and no second lm-eval process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from swiftci import models, reports
+from swiftci.config import Config, GateConfig
+from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
+
+STAGE = "evaluate"
+REPORT = "eval_report.json"
+MARKDOWN = "eval_report.md"
+BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics (accuracy, exact match) use the exact formula
+
+
+@dataclass
+class Candidate:
+    """What is evaluated: a LoRA adapter on the config's base model, or a standalone model folder (or hub id)."""
+
+    label: str  # as shown in reports
+    kind: str  # "adapter" | "model" | "base"
+    path: Path | None  # adapter or model folder; None for the config's base model itself
+    run_id: str | None
+
+
+def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = None) -> dict:
+    ev = cfg.evaluate
+    if ev is None:
+        raise UsageError(f"{cfg.source}: no `evaluate` section; add one with `tasks:` (see examples/tiny/swiftci.yaml)")
+    baseline = baseline if baseline is not None else ev.baseline
+    if baseline not in ("base", "none") and not cfg.resolve(baseline).is_file():
+        raise UsageError(f"--baseline: {baseline} is not `base`, `none` or an existing eval_report.json")
+    candidate = _candidate(cfg, model_dir)
+    out = cfg.stage_dir(STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    base_report = reports.new_report(STAGE, "running", run_id=candidate.run_id,
+                                     model={"path": candidate.label, "kind": candidate.kind},
+                                     baseline={"kind": _baseline_kind(baseline), "source": _baseline_label(baseline)})
+    reports.write_json(out / REPORT, {**base_report, "passed": False})
+    try:
+        tasks, candidate_raw, baseline_raw = _evaluate(cfg, candidate, baseline, out)
+    except (ConfigError, UsageError):
+        _write(out, _error_report(base_report, ev.gates, "the evaluation was not started: bad configuration",
+                                  started))
+        raise
+    except SwiftCIError as e:
+        _write(out, _error_report(base_report, ev.gates, str(e), started))
+        raise StageError(f"evaluation could not run: {e}") from None
+    except Exception as e:  # fail closed: whatever broke, the gate is not passed
+        _write(out, _error_report(base_report, ev.gates, f"{type(e).__name__}: {e}", started))
+        raise StageError(f"evaluation could not run: {type(e).__name__}: {e}") from e
+
+    if baseline not in ("base", "none"):
+        baseline_raw = _metrics_from_report(reports.read_json(cfg.resolve(baseline)))
+    model_loads = tasks.pop("_model_loads")
+    metrics = _combine(candidate_raw, baseline_raw)
+    gates = [_check_gate(g, metrics, tasks) for g in ev.gates]
+    passed = all(g["passed"] for g in gates)
+    report = {**base_report, "status": "passed" if passed else "failed", "passed": passed, "tasks": tasks,
+              "model_loads": model_loads,
+              "metrics": metrics, "gates": gates, "wall_seconds": round(time.monotonic() - started, 2)}
+    _write(out, report)
+    if not passed:
+        failed = [g for g in gates if not g["passed"]]
+        raise GateFailed("quality gate failed: " + "; ".join(f"{g['metric']} {g['reason']}" for g in failed)
+                         + f" (report: {out / MARKDOWN})")
+    return report
+
+
+# --- what to evaluate -------------------------------------------------------------------------------------------
+
+
+def _candidate(cfg: Config, model_dir: Path | None) -> Candidate:
+    if model_dir is not None:
+        path = Path(model_dir).resolve()
+        if not path.is_dir():
+            raise UsageError(f"--model: {model_dir} is not a folder")
+        if not (models.is_adapter_dir(path) or (path / "config.json").is_file()):
+            raise UsageError(f"--model: {model_dir} holds neither a model (config.json) nor an adapter "
+                             f"({models.ADAPTER_CONFIG})")
+        kind = "adapter" if models.is_adapter_dir(path) else "model"
+        return Candidate(_label(cfg, path), kind, path, _train_run_id(cfg))
+    if cfg.train is None:
+        return Candidate(cfg.model.id, "base", None, None)
+    train_dir = cfg.stage_dir("train")
+    report_path = train_dir / "train_report.json"
+    if not report_path.is_file():
+        raise StageError(f"no trained model: {report_path} does not exist; run `swiftci train` first, or pass --model")
+    report = reports.read_json(report_path)
+    if report.get("status") != "ok":
+        raise StageError(f"the train stage did not finish (status {report.get('status')!r} in {report_path}); "
+                         "there is no trained model to evaluate")
+    outputs = report.get("outputs", {})
+    name = "adapter" if "adapter" in outputs else "model"
+    path = train_dir / outputs[name]
+    return Candidate(_label(cfg, path), name, path, report.get("run_id"))
+
+
+def _train_run_id(cfg: Config) -> str | None:
+    path = cfg.stage_dir("train") / "train_report.json"
+    if path.is_file():
+        return reports.read_json(path).get("run_id")
+    return None
+
+
+def _label(cfg: Config, path: Path) -> str:
+    try:
+        return str(path.relative_to(cfg.resolve(".").resolve()))
+    except ValueError:
+        return path.name
+
+
+def _baseline_kind(baseline: str) -> str:
+    return baseline if baseline in ("base", "none") else "report"
+
+
+def _baseline_label(baseline: str) -> str | None:
+    return None if baseline == "none" else baseline
+
+
+# --- running lm-eval --------------------------------------------------------------------------------------------
+
+
+def _quiet() -> None:
+    os.environ["TQDM_DISABLE"] = "1"  # lm-eval's per-request progress bars would drown the CI log
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|lm_eval)\.")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _task_manager(cfg: Config, tasks: list[str]):
+    """Index only the local task folder when every task is local: indexing lm-eval's ~15k built-in task YAMLs costs
+    seconds on every run."""
+    from lm_eval.tasks import TaskManager
+
+    task_dir = str(cfg.resolve(cfg.evaluate.task_dir)) if cfg.evaluate.task_dir else None
+    if task_dir:
+        local = TaskManager(include_path=task_dir, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=task_dir)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hints = []
+        for t in unknown:
+            close = difflib.get_close_matches(t, manager.all_tasks, n=1, cutoff=0.75)
+            hints.append(f"'{t}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        where = f" nor a task YAML in {cfg.evaluate.task_dir}/" if task_dir else ""
+        raise StageError(f"unknown lm-eval task {', '.join(hints)}: not a built-in lm-eval task{where}; "
+                         "fix evaluate.tasks (`lm-eval ls tasks` lists the built-in ones)")
+    return manager
+
+
+def _check_gate_metrics(cfg: Config, manager: Any) -> None:
+    """A gate on a metric that its task does not produce is a config error (exit 2), found before any scoring.
+
+    Reads the metric list from lm-eval's task index (no dataset is loaded); groups and Python tasks, whose metrics
+    are only known after a run, are checked after scoring instead (a missing metric then fails the gate)."""
+    problems = []
+    for i, gate in enumerate(cfg.evaluate.gates):
+        entry = manager.task_index.get(gate.task)
+        metric_list = (getattr(entry, "cfg", None) or {}).get("metric_list")
+        if not isinstance(metric_list, list):
+            continue
+        produced = sorted({m["metric"] for m in metric_list if isinstance(m, dict) and isinstance(m.get("metric"), str)})
+        if produced and gate.metric_name.split(",")[0] not in produced:
+            problems.append(f"{cfg.source}: evaluate.gates[{i}].metric: task '{gate.task}' produces "
+                            f"{', '.join(produced)}, not '{gate.metric_name}'")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _load_model(cfg: Config, candidate: Candidate):
+    """(model, tokenizer) for the candidate; a LoRA adapter comes back as a PeftModel over the base."""
+    import torch
+
+    local = cfg.model_local_path
+    dtype = (torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else
+             torch.float16 if torch.cuda.is_available() else torch.float32)
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    if candidate.kind in ("adapter", "base"):
+        model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=dtype, device_map=device_map)
+        if candidate.kind == "adapter":
+            from peft import PeftModel
+
+            with models.offline_if_local(True):
+                model = PeftModel.from_pretrained(model, str(candidate.path))
+            tokenizer = models.load_tokenizer(str(candidate.path), None, candidate.path)
+        else:
+            tokenizer = models.load_tokenizer(cfg.model.id, cfg.model.revision, local)
+    else:
+        quantized = "quantization_config" in json.loads((candidate.path / "config.json").read_text())
+        model = models.load_causal_lm(str(candidate.path), None, candidate.path,
+                                      dtype="auto" if quantized else dtype, device_map=device_map)
+        tokenizer = models.load_tokenizer(str(candidate.path), None, candidate.path)
+    model.eval()
+    return model, tokenizer
+
+
+def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> tuple[dict, dict, dict | None]:
+    """Run every task on the candidate (and on the baseline model); return per-task timing and raw metrics."""
+    _quiet()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    ev = cfg.evaluate
+    manager = _task_manager(cfg, ev.tasks)
+    _check_gate_metrics(cfg, manager)
+    task_dir = cfg.resolve(ev.task_dir) if ev.task_dir else Path.cwd()
+    # Build each task (and read its dataset) once, before any weights are loaded; both models reuse the objects.
+    with contextlib.chdir(task_dir):
+        built = {task: _build_task(manager, task) for task in ev.tasks}
+    model, tokenizer = _load_model(cfg, candidate)
+    loads = 1
+
+    def score(lm, label: str) -> tuple[dict, dict]:
+        merged: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
+        for task in ev.tasks:
+            t0 = time.monotonic()
+            with contextlib.chdir(task_dir), _naming_task(task, label):  # local YAMLs' paths are relative to it
+                result = simple_evaluate(
+                    model=lm, tasks=built[task], task_manager=manager, limit=ev.limit, num_fewshot=ev.num_fewshot,
+                    batch_size=ev.batch_size, apply_chat_template=ev.apply_chat_template,
+                    fewshot_as_multiturn=ev.apply_chat_template and bool(ev.num_fewshot),
+                    log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
+            seconds[task] = round(time.monotonic() - t0, 2)
+            for key in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+                merged.setdefault(key, {}).update(result.get(key) or {})
+            for key in ("config", "lm_eval_version", "transformers_version", "date"):
+                merged.setdefault(key, result.get(key))
+        _save_lm_eval(out / "lm_eval" / f"{label}.json", merged)
+        return merged, seconds
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
+    candidate_raw, seconds = score(lm, "candidate")
+    tasks = {t: {"samples": _samples(candidate_raw, t), "seconds": seconds.get(t)} for t in ev.tasks}
+
+    baseline_raw = None
+    if baseline == "base" and candidate.kind != "base":
+        if candidate.kind == "adapter":  # same weights in memory, adapter off: no second load
+            with model.disable_adapter():
+                baseline_raw, base_seconds = score(lm, "baseline")
+        else:
+            del lm, model
+            base_model, base_tok = _load_model(cfg, Candidate(cfg.model.id, "base", None, None))
+            loads += 1
+            baseline_raw, base_seconds = score(HFLM(pretrained=base_model, tokenizer=base_tok,
+                                                    batch_size=ev.batch_size), "baseline")
+        for t in ev.tasks:
+            tasks[t]["baseline_seconds"] = base_seconds.get(t)
+    tasks["_model_loads"] = loads
+    return tasks, candidate_raw, baseline_raw
+
+
+def _build_task(manager: Any, task: str) -> list:
+    """lm-eval Task/Group objects for one configured name (a tag expands to several tasks)."""
+    try:
+        loaded = manager.load([task])
+    except StopIteration:  # the datasets JSON reader finds no first row in an empty file
+        raise StageError(f"task '{task}' has 0 samples: its dataset is empty, so nothing can be scored") from None
+    except Exception as e:
+        raise StageError(f"lm-eval could not load task '{task}': {type(e).__name__}: {e}") from e
+    if task in loaded["groups"]:
+        return [loaded["groups"][task]]
+    if task in loaded["tasks"]:
+        return [loaded["tasks"][task]]
+    return list(loaded["tasks"].values())
+
+
+@contextlib.contextmanager
+def _naming_task(task: str, label: str):
+    """Say which task (and which model) an lm-eval failure came from."""
+    try:
+        yield
+    except Exception as e:
+        detail = f"{type(e).__name__}: {e}".rstrip(": ")
+        raise StageError(f"lm-eval failed on task '{task}' ({label}): {detail}") from e
+
+
+def _save_lm_eval(path: Path, results: dict) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    reports.write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+
+
+def _samples(raw: dict, task: str) -> int | None:
+    n = (raw.get("n-samples") or {}).get(task)
+    return n.get("effective") if isinstance(n, dict) else None
+
+
+# --- metrics and gates -----------------------------------------------------------------------------------------
+
+
+def _number(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None  # lm-eval writes "N/A" for unknown stderr
+
+
+def _metrics_from_raw(raw: dict) -> dict[str, dict[str, dict]]:
+    """lm-eval's {"results": {task: {"acc,none": v, "acc_stderr,none": s}}} -> {task: {"acc": {value, stderr}}}."""
+    out: dict[str, dict[str, dict]] = {}
+    hib = raw.get("higher_is_better") or {}
+    for section in ("results", "groups"):
+        for task, values in (raw.get(section) or {}).items():
+            for key, value in values.items():
+                if "," not in key or "_stderr," in key:
+                    continue
+                metric, filt = key.split(",", 1)
+                name = metric if filt == "none" else f"{metric},{filt}"
+                out.setdefault(task, {})[name] = {
+                    "value": _number(value),
+                    "stderr": _number(values.get(f"{metric}_stderr,{filt}")),
+                    "higher_is_better": (hib.get(task) or {}).get(metric, True),
+                }
+    return out
+
+
+def _metrics_from_report(report: dict) -> dict:
+    """An earlier eval_report.json as a baseline: its candidate values become our baseline values."""
+    raw: dict[str, dict[str, dict]] = {}
+    for task, metrics in (report.get("metrics") or {}).items():
+        for name, m in metrics.items():
+            raw.setdefault(task, {})[name] = {"value": m.get("value"), "stderr": m.get("stderr"),
+                                              "higher_is_better": m.get("higher_is_better", True)}
+    return {"_parsed": raw}
+
+
+def _combine(candidate_raw: dict, baseline_raw: dict | None) -> dict:
+    cand = _metrics_from_raw(candidate_raw)
+    if baseline_raw is None:
+        base: dict = {}
+    elif "_parsed" in baseline_raw:
+        base = baseline_raw["_parsed"]
+    else:
+        base = _metrics_from_raw(baseline_raw)
+    out: dict[str, dict[str, dict]] = {}
+    for task, metrics in cand.items():
+        for name, m in metrics.items():
+            b = (base.get(task) or {}).get(name) or {}
+            bv, v = b.get("value"), m["value"]
+            delta = v - bv if v is not None and bv is not None and math.isfinite(v) and math.isfinite(bv) else None
+            out.setdefault(task, {})[name] = {"value": v, "stderr": m["stderr"], "baseline": bv,
+                                              "baseline_stderr": b.get("stderr"), "delta": delta,
+                                              "higher_is_better": m["higher_is_better"]}
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def describe_rule(gate: GateConfig) -> str:
+    parts = []
+    if gate.min is not None:
+        parts.append(f"≥ {_fmt(gate.min)}")
+    if gate.max is not None:
+        parts.append(f"≤ {_fmt(gate.max)}")
+    if gate.max_drop is not None:
+        drop = gate.max_drop if isinstance(gate.max_drop, str) else _fmt(gate.max_drop)
+        parts.append(f"drop ≤ {drop}" + (" + stderr" if gate.margin == "stderr" else ""))
+    return ", ".join(parts)
+
+
+def _check_gate(gate: GateConfig, metrics: dict, tasks: dict) -> dict:
+    result = {"metric": gate.metric, "rule": describe_rule(gate), "value": None, "baseline": None, "passed": False,
+              "reason": ""}
+    m = (metrics.get(gate.task) or {}).get(gate.metric_name)
+    samples = (tasks.get(gate.task) or {}).get("samples")
+    if samples == 0:
+        result["reason"] = "0 samples were evaluated"
+        return result
+    if m is None:
+        produced = ", ".join(sorted(metrics.get(gate.task, {}))) or "nothing"
+        result["reason"] = f"metric missing from the results (task produced: {produced})"
+        return result
+    value, baseline = m["value"], m["baseline"]
+    result["value"], result["baseline"] = value, baseline
+    if value is None or not math.isfinite(value):
+        result["reason"] = f"value is {value!r}, not a number"
+        return result
+    failures = []
+    if gate.min is not None and not value >= gate.min:
+        failures.append(f"{_fmt(value)} < min {_fmt(gate.min)}")
+    if gate.max is not None and not value <= gate.max:
+        failures.append(f"{_fmt(value)} > max {_fmt(gate.max)}")
+    if gate.max_drop is not None:
+        if baseline is None or not math.isfinite(baseline):
+            failures.append("no baseline value to compare with")
+        else:
+            allowed = gate.allowed_drop(baseline)
+            if gate.margin == "stderr":
+                allowed += math.hypot(m["stderr"] or 0.0, m["baseline_stderr"] or 0.0)
+            drop = (baseline - value) if m["higher_is_better"] else (value - baseline)
+            result["allowed_drop"] = allowed
+            if drop > allowed + 1e-12:
+                failures.append(f"dropped {_fmt(drop)} from {_fmt(baseline)} (allowed {_fmt(allowed)})")
+    result["passed"] = not failures
+    result["reason"] = "; ".join(failures) if failures else "ok"
+    return result
+
+
+def _error_report(base: dict, gates: list[GateConfig], reason: str, started: float) -> dict:
+    return {**base, "status": "error", "passed": False, "error": reason, "tasks": {}, "metrics": {},
+            "gates": [{"metric": g.metric, "rule": describe_rule(g), "value": None, "baseline": None,
+                       "passed": False, "reason": f"evaluation could not run: {reason}"} for g in gates],
+            "wall_seconds": round(time.monotonic() - started, 2)}
+
+
+def _write(out: Path, report: dict) -> None:
+    reports.write_json(out / REPORT, report)
+    reports.write_text(out / MARKDOWN, render_markdown(report))
+
+
+# --- the report people read -------------------------------------------------------------------------------------
+
+
+def render_markdown(report: dict) -> str:
+    gates = report.get("gates") or []
+    failed = [g for g in gates if not g["passed"]]
+    if report["status"] == "error":
+        verdict = f"❌ **FAIL** — evaluation could not run: {report.get('error')}"
+    elif failed:
+        verdict = f"❌ **FAIL** — {len(failed)} of {len(gates)} gates failed: " + "; ".join(
+            f"`{g['metric']}` {g['reason']}" for g in failed)
+    elif gates:
+        verdict = f"✅ **PASS** — all {len(gates)} gates passed"
+    else:
+        verdict = "✅ **PASS** — no gates configured"
+    lines = ["### swiftci evaluate", "", verdict, ""]
+    model = report.get("model") or {}
+    base = report.get("baseline") or {}
+    base_text = {"base": "the base model", "none": "none"}.get(base.get("kind"), f"`{base.get('source')}`")
+    lines.append(f"Model: `{model.get('path')}` ({model.get('kind')})"
+                 + (f" · run `{report['run_id']}`" if report.get("run_id") else "") + f" · baseline: {base_text}")
+    lines.append("")
+    by_metric = {g["metric"]: g for g in gates}
+    rows = []
+    for task, metrics in (report.get("metrics") or {}).items():
+        for name, m in metrics.items():
+            key = f"{task}/{name}"
+            g = by_metric.pop(key, None)
+            rows.append(_row(key, m, g))
+    for key, g in by_metric.items():  # gates whose metric never appeared (fail-closed rows)
+        rows.append(_row(key, None, g))
+    if rows:
+        lines += ["| metric | baseline | candidate | Δ (± stderr) | gate | |", "|---|---:|---:|---:|---|:-:|", *rows]
+    tasks = report.get("tasks") or {}
+    if tasks:
+        timing = []
+        for task, t in tasks.items():
+            part = f"{task} {t.get('seconds')} s"
+            if t.get("baseline_seconds") is not None:
+                part += f" (baseline {t['baseline_seconds']} s)"
+            part += f", {t.get('samples')} samples"
+            timing.append(part)
+        lines += ["", "Time per task: " + "; ".join(timing) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _row(key: str, m: dict | None, g: dict | None) -> str:
+    if m is None:
+        cells = ["—", "—", "—"]
+    else:
+        delta = "—"
+        if m.get("delta") is not None:
+            se = math.hypot(m.get("stderr") or 0.0, m.get("baseline_stderr") or 0.0)
+            delta = f"{m['delta']:+.4f}" + (f" (± {se:.4f})" if m.get("stderr") is not None else "")
+        cells = [_cell(m.get("baseline")), _cell(m.get("value")), delta]
+    gate = g["rule"] if g else "—"
+    mark = "" if g is None else ("✅" if g["passed"] else "❌")
+    if g and not g["passed"]:
+        gate += f" — {g['reason']}"
+    return f"| `{key}` | " + " | ".join(cells) + f" | {gate} | {mark} |"
+
+
+def _cell(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.4f}" if math.isfinite(x) else str(x)

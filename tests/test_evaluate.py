@@ -1,0 +1,175 @@
+"""`swiftci evaluate` with real lm-eval on the tiny model: gates pass and fail, and every broken case fails closed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, clone_trained, read_json, swiftci, swiftci_in_process, tiny_config, write_config
+from swiftci.evaluate import render_markdown
+
+pytestmark = pytest.mark.slow
+BROKEN_TASKS = ROOT / "tests" / "data" / "tasks"
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def evaluate(cfg: Path, *args: str):
+    return swiftci_in_process("evaluate", "-c", str(cfg), *args)
+
+
+def outputs(cfg: Path) -> tuple[dict, str]:
+    out = cfg.parent / "out" / "evaluate"
+    return read_json(out / "eval_report.json"), (out / "eval_report.md").read_text()
+
+
+def test_pass_with_baseline_scored_on_the_same_weights(trained, tiny_model, tmp_path):
+    cfg = clone_trained(trained, tmp_path, tiny_model)
+    proc = evaluate(cfg)
+    assert proc.returncode == 0, proc.stderr
+    report, md = outputs(cfg)
+    assert report["version"] == 1 and report["stage"] == "evaluate"
+    assert report["status"] == "passed" and report["passed"] is True
+    em = report["metrics"]["tiny_reverse"]["exact_match"]
+    assert em["value"] >= 0.9 and em["baseline"] <= 0.05
+    assert em["delta"] == pytest.approx(em["value"] - em["baseline"])
+    mc = report["metrics"]["tiny_reverse_mc"]["acc"]
+    assert mc["value"] >= 0.9 and 0.1 <= mc["baseline"] <= 0.45  # four choices: the base model guesses
+    assert mc["stderr"] is not None and mc["baseline_stderr"] > 0
+    assert report["model_loads"] == 1, "the baseline must reuse the loaded base weights with the adapter disabled"
+    assert [g["passed"] for g in report["gates"]] == [True, True]
+    assert report["tasks"]["tiny_reverse"]["samples"] == 100
+    assert report["tasks"]["tiny_reverse"]["baseline_seconds"] > 0
+    assert report["run_id"] == read_json(trained.train_dir / "train_report.json")["run_id"]
+    assert "✅ **PASS** — all 2 gates passed" in md
+    assert "| `tiny_reverse/exact_match` | 0.0000 | 1.0000 |" in md or "| `tiny_reverse/exact_match` | 0.0000 | 0.9" in md
+    lm_eval = read_json(cfg.parent / "out/evaluate/lm_eval/candidate.json")
+    assert "tiny_reverse" in lm_eval["results"] and lm_eval["n-samples"]["tiny_reverse"]["effective"] == 100
+    assert (cfg.parent / "out/evaluate/lm_eval/baseline.json").is_file()
+
+
+def test_failing_gate_exits_1_and_names_it(trained, tiny_model, tmp_path):
+    cfg = clone_trained(trained, tmp_path, tiny_model, evaluate={
+        "tasks": ["tiny_reverse", "tiny_reverse6"], "baseline": "none",
+        "gates": [{"metric": "tiny_reverse/exact_match", "min": 0.9},
+                  {"metric": "tiny_reverse6/exact_match", "min": 0.5}]})
+    proc = evaluate(cfg)
+    assert proc.returncode == 1, proc.stderr
+    assert "tiny_reverse6/exact_match" in proc.stderr and "< min 0.5" in proc.stderr
+    report, md = outputs(cfg)
+    assert report["status"] == "failed" and report["passed"] is False
+    assert [g["passed"] for g in report["gates"]] == [True, False]
+    assert report["model_loads"] == 1 and report["metrics"]["tiny_reverse6"]["exact_match"]["baseline"] is None
+    assert "❌ **FAIL** — 1 of 2 gates failed" in md
+    assert any(line.startswith("| `tiny_reverse6/exact_match` |") and line.rstrip().endswith("❌ |")
+               for line in md.splitlines())
+
+
+def test_earlier_report_as_baseline(trained, tiny_model, tmp_path):
+    """A production model's eval_report.json is the baseline: a drop beyond max_drop fails."""
+    production = tmp_path / "production_eval_report.json"
+    production.write_text(json.dumps({"version": 1, "stage": "evaluate", "metrics": {
+        "tiny_reverse": {"exact_match": {"value": 1.0, "stderr": 0.0}}}}))
+    cfg = clone_trained(trained, tmp_path, tiny_model, evaluate={
+        "tasks": ["tiny_reverse"], "baseline": str(production), "limit": 20,
+        "gates": [{"metric": "tiny_reverse/exact_match", "max_drop": 0.0}]})
+    proc = evaluate(cfg, "--set", "evaluate.gates=[{metric: tiny_reverse/exact_match, max_drop: '50%'}]")
+    assert proc.returncode == 0, proc.stderr
+    report, md = outputs(cfg)
+    assert report["baseline"]["kind"] == "report" and report["model_loads"] == 1
+    assert report["metrics"]["tiny_reverse"]["exact_match"]["baseline"] == 1.0
+    assert "drop ≤ 50%" in md
+
+
+FAIL_CLOSED = [
+    # (task, gate metric, exit code, reason in both reports)
+    ("nan_metric", "nan_metric/score", 1, "value is nan, not a number"),
+    ("no_metric_list", "no_metric_list/acc", 1, "metric missing from the results (task produced: exact_match)"),
+    ("empty_task", "empty_task/exact_match", 3, "task 'empty_task' has 0 samples"),
+    ("missing_data", "missing_data/exact_match", 3, "lm-eval could not load task 'missing_data'"),
+    ("tiny_reverse_typo", "tiny_reverse_typo/exact_match", 3, "unknown lm-eval task 'tiny_reverse_typo'"),
+]
+
+
+@pytest.mark.parametrize("task,metric,code,reason", FAIL_CLOSED, ids=[f[0] for f in FAIL_CLOSED])
+def test_fails_closed(trained, tiny_model, tmp_path, task, metric, code, reason):
+    cfg = clone_trained(trained, tmp_path, tiny_model, evaluate={
+        "tasks": [task], "task_dir": str(BROKEN_TASKS), "baseline": "none",
+        "gates": [{"metric": metric, "min": 0.0}]})
+    proc = evaluate(cfg)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    report, md = outputs(cfg)
+    assert report["passed"] is False and report["status"] in ("failed", "error")
+    assert reason in report["gates"][0]["reason"] or reason in (report.get("error") or "")
+    assert report["gates"][0]["passed"] is False
+    assert reason in md and "❌ **FAIL**" in md
+
+
+def test_gate_on_a_metric_the_task_does_not_produce_is_a_config_error(tiny_model, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(tiny_model, tmp_path / "out", evaluate={
+        "gates": [{"metric": "tiny_reverse/acc", "min": 0.5}]}))
+    proc = swiftci("validate", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert "evaluate.gates[0].metric: task 'tiny_reverse' produces exact_match, not 'acc'" in proc.stderr
+
+
+def test_gate_on_a_task_that_is_not_configured_is_a_config_error(tiny_model, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(tiny_model, tmp_path / "out", evaluate={
+        "gates": [{"metric": "tiny_revers/exact_match", "min": 0.5}]}))
+    proc = swiftci("validate", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert "task 'tiny_revers' is not in evaluate.tasks" in proc.stderr and "did you mean 'tiny_reverse'" in proc.stderr
+
+
+def test_max_drop_without_baseline_is_a_config_error(tiny_model, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(tiny_model, tmp_path / "out", evaluate={
+        "baseline": "none"}))
+    proc = swiftci("validate", "-c", str(cfg))
+    assert proc.returncode == 2 and "evaluate.gates[1].max_drop: needs a baseline" in proc.stderr
+
+
+def test_evaluate_refuses_a_failed_training(tiny_model, tmp_path):
+    out = tmp_path / "out" / "train"
+    out.mkdir(parents=True)
+    (out / "train_report.json").write_text(json.dumps({"version": 1, "stage": "train", "status": "running"}))
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(tiny_model, tmp_path / "out"))
+    proc = evaluate(cfg)
+    assert proc.returncode == 3 and "the train stage did not finish" in proc.stderr
+
+
+def test_strict_example_run_stops_with_exit_1(tiny_model, tmp_path):
+    """`swiftci run` on examples/tiny/swiftci-strict.yaml: trains, evaluates, and stops with the gate's exit 1."""
+    import yaml
+
+    cfg = yaml.safe_load((TINY / "swiftci-strict.yaml").read_text())
+    cfg["model"]["id"] = str(tiny_model)
+    cfg["data"] = {k: str(TINY / v) if k != "format" else v for k, v in cfg["data"].items()}
+    cfg["evaluate"]["task_dir"] = str(TINY / "tasks")
+    cfg["output_dir"] = str(tmp_path / "out")
+    path = write_config(tmp_path / "swiftci.yaml", cfg)
+    proc = swiftci("run", "-c", str(path))
+    assert proc.returncode == 1, proc.stderr
+    assert "==> evaluate failed" in proc.stderr
+    report, md = outputs(path)
+    failed = [g for g in report["gates"] if not g["passed"]]
+    assert [g["metric"] for g in failed] == ["tiny_reverse6/exact_match"]
+    assert "| `tiny_reverse6/exact_match` |" in md and "< min 0.5 | ❌ |" in md
+
+
+def test_markdown_report_golden():
+    """What reviewers see: rendered from a fixed report, compared with the checked-in golden file."""
+    report = read_json(GOLDEN / "eval_report.json")
+    assert render_markdown(report) == (GOLDEN / "eval_report.md").read_text()
+
+
+def test_markdown_report_for_an_evaluation_that_could_not_run():
+    report = {"version": 1, "stage": "evaluate", "status": "error", "passed": False, "error": "CUDA error",
+              "model": {"path": "out/train/adapter", "kind": "adapter"}, "baseline": {"kind": "none"},
+              "metrics": {}, "tasks": {},
+              "gates": [{"metric": "t/acc", "rule": "≥ 0.5", "value": None, "baseline": None, "passed": False,
+                         "reason": "evaluation could not run: CUDA error"}]}
+    md = render_markdown(report)
+    assert "❌ **FAIL** — evaluation could not run: CUDA error" in md
+    assert "| `t/acc` | — | — | — | ≥ 0.5 — evaluation could not run: CUDA error | ❌ |" in md
