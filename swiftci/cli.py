@@ -21,13 +21,15 @@ _LOCATED = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+): (?P<msg>.*)$")
 
 def _annotate(message: str) -> None:
     """In GitHub Actions, config problems become file/line annotations on the pull request."""
-    if os.environ.get("GITHUB_ACTIONS") != "true":
-        return
+    from swiftci import ghactions
+
     for line in message.splitlines():
         m = _LOCATED.match(line)
-        text = (m.group("msg") if m else line).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-        where = f" file={m.group('file')},line={m.group('line')}" if m else ""
-        print(f"::error{where}::{text}", flush=True)
+        if m:
+            ghactions.annotate("error", m.group("msg"), ghactions.workspace_relative(m.group("file")),
+                               int(m.group("line")))
+        else:
+            ghactions.annotate("error", line)
 
 
 def _errors_to_exit_codes(fn):
@@ -72,7 +74,11 @@ def _num(x, digits: int = 4) -> str:
 def _load(config_path: str, overrides: tuple[str, ...]):
     from swiftci import config
 
+    from swiftci import ghactions
+
     cfg = config.load(config_path, overrides)
+    for value in cfg.env_values:  # values from ${VAR} may be tokens or webhook URLs: keep them out of CI logs
+        ghactions.mask(value)
     for w in cfg.warnings:
         click.echo(f"warning: {w}", err=True)
     return cfg
@@ -154,6 +160,51 @@ def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
 
     cfg = _load(config_path, overrides)
     pipeline.run(cfg, resume=resume, say=lambda s: click.echo(s, err=True))
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(["train", "evaluate", "quantize", "deploy"]))
+@_config_options
+@click.option("--summary/--no-summary", default=True, show_default=True,
+              help="Also append the stage's markdown report to the job summary ($GITHUB_STEP_SUMMARY).")
+@_errors_to_exit_codes
+def outputs(stage: str, config_path: str, overrides: tuple[str, ...], summary: bool) -> None:
+    """Write a stage's report as GitHub Actions step outputs (model-path, report-path, passed, metrics, run-id)."""
+    from swiftci import ghactions
+
+    cfg = _load(config_path, overrides)
+    ghactions.set_outputs(ghactions.stage_outputs(cfg, stage))
+    md = ghactions.stage_summary(cfg, stage)
+    if summary and md:
+        ghactions.append_summary(md)
+
+
+@main.command()
+@_config_options
+@click.option("--pr", type=int, help="Pull request number. Default: from the event of this workflow run.")
+@click.option("--repo", help="OWNER/NAME. Default: $GITHUB_REPOSITORY.")
+@click.option("--final/--in-progress", default=True, show_default=True,
+              help="--in-progress shows configured stages without a report as pending (⏳) instead of skipped.")
+@click.option("--github-output", is_flag=True, help="Also write `action` and `comment-url` step outputs.")
+@_errors_to_exit_codes
+def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: str | None, final: bool,
+            github_output: bool) -> None:
+    """Create or update the one sticky pull-request comment with every stage's status and the eval table.
+
+    Needs GITHUB_TOKEN in the environment. Outside a pull request it only writes the job summary.
+    """
+    from swiftci import comment as comment_stage
+    from swiftci import ghactions
+
+    cfg = _load(config_path, overrides)
+    posted = comment_stage.run(cfg, pr=pr, repo=repo, final=final)
+    if posted.warning:
+        click.echo(f"warning: {posted.warning}", err=True)
+        ghactions.annotate("warning", posted.warning)
+    click.echo(f"comment: {posted.action}" + (f" {posted.url}" if posted.url else "")
+               + f" (body: {cfg.output_path / 'comment.md'})")
+    if github_output:
+        ghactions.set_outputs({"action": posted.action, "comment-url": posted.url or ""})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Outputs in `<output_dir>/train/`:
   run.json            lineage: config hash, data sha256 and row counts, base model revision or content hash,
                       git commit, seed, package versions, owner
   train_report.json   {"version": 1, "stage": "train", "status", "run_id", "metrics", "outputs"}
+  train_report.md     the same for people: metrics table and the loss curve (a mermaid chart)
 
 The report is written first with status "running" and replaced at the end, so a crash or a kill never leaves a
 report that says "ok".
@@ -34,6 +35,7 @@ from swiftci.errors import StageError, SwiftCIError, UsageError
 
 STAGE = "train"
 REPORT = "train_report.json"
+MARKDOWN = "train_report.md"
 RUN_MARKER = "swiftci-run.json"  # in checkpoints/: run id and config hash, so --resume refuses a changed config
 LOGGED_PACKAGES = ("swiftci", "torch", "transformers", "peft", "trl", "accelerate", "tokenizers", "bitsandbytes")
 OOM_TIPS = ("lower `train.batch_size` and raise `train.gradient_accumulation` to keep the effective batch, "
@@ -72,6 +74,7 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     run_id, last_ckpt = _resume_point(cfg, ckpt_dir, fingerprint, resume)
     started = time.monotonic()
     reports.write_json(out / REPORT, reports.new_report(STAGE, "running", run_id=run_id))
+    reports.write_text(out / MARKDOWN, render_markdown(reports.new_report(STAGE, "running", run_id=run_id), []))
     try:
         report = _train(cfg, out, ckpt_dir, run_id, last_ckpt, started)
     except SwiftCIError as e:
@@ -90,9 +93,10 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
 
 
 def _fail(out: Path, run_id: str, started: float, reason: str, kind: str) -> None:
-    reports.write_json(out / REPORT, reports.new_report(
-        STAGE, "failed", run_id=run_id, error={"kind": kind, "reason": reason},
-        metrics={"wall_seconds": round(time.monotonic() - started, 2)}))
+    report = reports.new_report(STAGE, "failed", run_id=run_id, error={"kind": kind, "reason": reason},
+                                metrics={"wall_seconds": round(time.monotonic() - started, 2)})
+    reports.write_json(out / REPORT, report)
+    reports.write_text(out / MARKDOWN, render_markdown(report, []))
 
 
 def _train_fingerprint(cfg: Config) -> str:
@@ -340,7 +344,38 @@ def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path 
                                 base_model=cfg.model.id, metrics=metrics, outputs=outputs,
                                 loss_log="loss.jsonl", lineage="run.json")
     reports.write_json(out / REPORT, report)
+    reports.write_text(out / MARKDOWN, render_markdown(report, progress.records))
     return report
+
+
+def render_markdown(report: dict, records: list[dict]) -> str:
+    m = report.get("metrics") or {}
+    if report.get("status") == "running":
+        return f"### swiftci train\n\n⏳ **RUNNING** — run `{report.get('run_id')}`\n"
+    if report.get("status") != "ok":
+        error = report.get("error") or {}
+        return (f"### swiftci train\n\n❌ **{report.get('status', 'failed').upper()}** — "
+                f"{error.get('reason', 'training did not finish')}\n")
+
+    def num(x, fmt=".4g"):
+        return "—" if x is None else format(x, fmt)
+
+    rows = [
+        ("run", f"`{report['run_id']}`"),
+        ("method", f"{report.get('method')} · {report.get('tuner')} · base `{report.get('base_model')}`"),
+        ("loss", f"{num(m.get('train_loss_first'))} → {num(m.get('train_loss_last'))}"
+                 + (f" (validation {num(m.get('validation_loss'))})" if m.get("validation_loss") is not None else "")),
+        ("steps", f"{m.get('steps')} ({num(m.get('epochs'))} epochs)"),
+        ("throughput", f"{num(m.get('tokens_per_second'), ',.0f')} tokens/s · {m.get('tokens'):,} tokens"),
+        ("time", f"{num(m.get('wall_seconds'), '.1f')} s"),
+        ("peak memory", f"{num(m.get('peak_memory_mb'), ',.0f')} MB ({m.get('peak_memory_kind')})"),
+        ("outputs", ", ".join(f"`{v}/`" for v in (report.get("outputs") or {}).values())),
+    ]
+    lines = ["### swiftci train", "", "✅ **OK**", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+    chart = reports.loss_chart(records)
+    if chart:
+        lines += ["", chart]
+    return "\n".join(lines) + "\n"
 
 
 def _save_atomic(target: Path, save) -> None:

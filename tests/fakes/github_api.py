@@ -1,0 +1,79 @@
+"""Stands for GitHub's REST API, the part `swiftci comment` uses: issue comments on a pull request.
+
+A real localhost HTTP server (pytest-httpserver) that keeps comments in memory, checks the bearer token, paginates
+like GitHub (Link header), and can be told to fail the next requests (5xx, 403, rate limits) to test retries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from werkzeug import Request, Response
+
+LIST = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/issues/(?P<pr>\d+)/comments$")
+ONE = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/issues/comments/(?P<id>\d+)$")
+
+
+@dataclass
+class FakeGitHub:
+    token: str
+    comments: dict[int, dict] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    fail_next: list[tuple[int, dict]] = field(default_factory=list)  # (status, headers) served before real answers
+    page_size: int = 30
+    next_id: int = 1000
+
+    def install(self, httpserver) -> str:
+        httpserver.expect_request(re.compile(".*")).respond_with_handler(self.handle)
+        return httpserver.url_for("/").rstrip("/")
+
+    def for_pr(self, pr: int) -> list[dict]:
+        return [c for c in self.comments.values() if c["pr"] == pr]
+
+    def handle(self, request: Request) -> Response:
+        self.requests.append((request.method, request.path))
+        if self.fail_next:
+            status, headers = self.fail_next.pop(0)
+            return Response(json.dumps({"message": "injected failure"}), status=status, headers=headers,
+                            content_type="application/json")
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._json({"message": "Bad credentials"}, 401)
+        if m := LIST.match(request.path):
+            pr = int(m["pr"])
+            if request.method == "GET":
+                mine = sorted(self.for_pr(pr), key=lambda c: c["id"])
+                per_page = min(int(request.args.get("per_page", self.page_size)), self.page_size)
+                page = int(request.args.get("page", 1))
+                chunk = mine[(page - 1) * per_page: page * per_page]
+                headers = {}
+                if page * per_page < len(mine):
+                    nxt = request.base_url + f"?per_page={per_page}&page={page + 1}"
+                    headers["Link"] = f'<{nxt}>; rel="next"'
+                return self._json([self._public(c) for c in chunk], 200, headers)
+            if request.method == "POST":
+                self.next_id += 1
+                c = {"id": self.next_id, "pr": pr, "body": request.get_json()["body"], "repo": m["repo"]}
+                self.comments[c["id"]] = c
+                return self._json(self._public(c), 201)
+        if m := ONE.match(request.path):
+            c = self.comments.get(int(m["id"]))
+            if c is None:
+                return self._json({"message": "Not Found"}, 404)
+            if request.method == "PATCH":
+                c["body"] = request.get_json()["body"]
+                return self._json(self._public(c), 200)
+            if request.method == "DELETE":
+                del self.comments[c["id"]]
+                return Response(status=204)
+        return self._json({"message": "Not Found"}, 404)
+
+    @staticmethod
+    def _public(c: dict) -> dict:
+        return {"id": c["id"], "body": c["body"],
+                "html_url": f"https://github.example/{c['repo']}/pull/{c['pr']}#issuecomment-{c['id']}"}
+
+    @staticmethod
+    def _json(data, status: int, headers: dict | None = None) -> Response:
+        return Response(json.dumps(data), status=status, headers=headers or {}, content_type="application/json")
