@@ -1,0 +1,393 @@
+"""The quantize stage: GPTQ or AWQ with gptqmodel, then a quality gate on what will actually ship.
+
+1. Take the trained model (merging a LoRA adapter into its base first), or `--model DIR`.
+2. Check that the quantization fits the model (group size divides every layer's input size) — exit 2 if not.
+3. Quantize with calibration text from the training data (or `quantize.calibration.file`).
+4. Measure perplexity on held-out text before and after, and size on disk before and after.
+5. Re-run the evaluate section's gates on the quantized model (`gates.reuse_eval_gates`), against the unquantized
+   model's eval report when there is one.
+
+Outputs in `<output_dir>/quantize/`:
+  model/                  serving-ready: config.json with quantization_config, weights, tokenizer, chat template
+  merged/                 the adapter merged into the base (only when train wrote no merged model)
+  evaluate/               eval_report.json/.md of the quantized model (when eval gates are reused)
+  quantize_report.json    {"version": 1, "stage": "quantize", "status", "metrics": {size, perplexity, time},
+                          "gates": [...], "passed"}
+  quantize_report.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from swiftci import data as datalib
+from swiftci import models, reports
+from swiftci.config import Config
+from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
+
+STAGE = "quantize"
+REPORT = "quantize_report.json"
+MARKDOWN = "quantize_report.md"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
+    qc = cfg.quantize
+    if qc is None:
+        raise UsageError(f"{cfg.source}: no `quantize` section; add one (see examples/tiny/swiftci.yaml)")
+    out = cfg.stage_dir(STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    run_id = _run_id(cfg)
+    base = reports.new_report(STAGE, "running", run_id=run_id, method=qc.method, bits=qc.bits,
+                              group_size=qc.group_size, backend=qc.backend)
+    _write(out, {**base, "passed": False})
+    try:
+        source, source_label = _source(cfg, model_dir, out)
+        check_fits(source, qc.group_size, qc.method, qc.bits)
+        report = _quantize_and_measure(cfg, base, source, source_label, out, started)
+    except UsageError as e:
+        _write(out, {**base, "status": "error", "passed": False, "reason": str(e), "gates": []})
+        raise
+    except SwiftCIError as e:
+        _write(out, {**base, "status": "error", "passed": False, "reason": str(e), "gates": []})
+        raise
+    except Exception as e:
+        _write(out, {**base, "status": "error", "passed": False, "reason": f"{type(e).__name__}: {e}",
+                     "gates": []})
+        raise StageError(f"quantization failed: {type(e).__name__}: {e}") from e
+    _write(out, report)
+    if not report["passed"]:
+        failed = [g for g in report["gates"] if not g["passed"]]
+        raise GateFailed("quantization gate failed: " + "; ".join(f"{g['metric']} {g['reason']}" for g in failed)
+                         + f" (report: {out / MARKDOWN})")
+    return report
+
+
+def _run_id(cfg: Config) -> str | None:
+    path = cfg.stage_dir("train") / "train_report.json"
+    return reports.read_json(path).get("run_id") if path.is_file() else None
+
+
+# --- what to quantize ------------------------------------------------------------------------------------------
+
+
+def _source(cfg: Config, model_dir: Path | None, out: Path) -> tuple[Path, str]:
+    """A full (unquantized) model folder to quantize, merging a LoRA adapter first when that is what we have."""
+    if model_dir is not None:
+        path = Path(model_dir).resolve()
+        if not path.is_dir():
+            raise UsageError(f"--model: {model_dir} is not a folder")
+        if models.is_adapter_dir(path):
+            return _merge(cfg, path, out), f"{path.name} (adapter, merged)"
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model: {model_dir} holds no model (config.json)")
+        return path, path.name
+    if cfg.train is None:
+        local = cfg.model_local_path
+        if local is None:
+            from huggingface_hub import snapshot_download
+
+            with models.offline_if_local(False):
+                return Path(snapshot_download(cfg.model.id, revision=cfg.model.revision)), cfg.model.id
+        return local, cfg.model.id
+    train_dir = cfg.stage_dir("train")
+    report_path = train_dir / "train_report.json"
+    if not report_path.is_file() or reports.read_json(report_path).get("status") != "ok":
+        raise StageError(f"no finished training in {train_dir}; run `swiftci train` first, or pass --model")
+    outputs = reports.read_json(report_path).get("outputs") or {}
+    if "model" in outputs:
+        return train_dir / outputs["model"], f"train/{outputs['model']}"
+    return _merge(cfg, train_dir / outputs["adapter"], out), "train/adapter (merged)"
+
+
+def _merge(cfg: Config, adapter: Path, out: Path) -> Path:
+    """Merge a LoRA adapter into its base in full precision; quantizing a merged model is what ships."""
+    import torch
+
+    target = out / "merged"
+    print(f"merging {adapter.name} into {cfg.model.id} before quantizing", flush=True)
+    tokenizer = models.load_tokenizer(str(adapter), None, adapter)
+    base = models.load_causal_lm(cfg.model.id, cfg.model.revision, cfg.model_local_path,
+                                 dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    tmp = out / ".merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.merge_adapter(base, adapter, tmp, tokenizer)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def layer_input_sizes(config: dict) -> dict[str, int]:
+    """Input sizes of the linear layers a decoder block quantizes (Llama/Qwen/Mistral-style configs)."""
+    hidden = config.get("hidden_size")
+    sizes = {"hidden_size (q/k/v, gate/up projections)": hidden}
+    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
+    if heads and (head_dim or hidden):
+        sizes["attention output (o_proj)"] = heads * (head_dim or hidden // heads)
+    if config.get("intermediate_size"):
+        sizes["intermediate_size (down_proj)"] = config["intermediate_size"]
+    return {k: v for k, v in sizes.items() if v}
+
+
+def check_fits(model_dir: Path, group_size: int, method: str, bits: int) -> None:
+    """Impossible combinations are usage errors (exit 2) with the fix, found before anything heavy is loaded."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if "quantization_config" in config:
+        raise UsageError(f"{model_dir.name} is already quantized ({config['quantization_config'].get('quant_method')}); "
+                         "quantize the unquantized model")
+    if group_size == -1:
+        return
+    bad = {name: size for name, size in layer_input_sizes(config).items() if size % group_size}
+    if bad:
+        sizes = ", ".join(f"{name} = {size}" for name, size in bad.items())
+        divisors = [g for g in (32, 64, 128) if all(s % g == 0 for s in layer_input_sizes(config).values())]
+        fix = (f"set `quantize.group_size` to {' or '.join(map(str, divisors))}" if divisors
+               else "set `quantize.group_size: -1` (one group per output channel)")
+        raise UsageError(f"quantize.group_size: {group_size} does not divide {sizes}; {fix}")
+
+
+# --- quantizing and measuring ----------------------------------------------------------------------------------
+
+
+def _calibration_texts(cfg: Config, tokenizer: Any) -> list[str]:
+    qc = cfg.quantize.calibration
+    if qc.file is not None:
+        path = cfg.resolve(qc.file)
+        rows = datalib.read_jsonl(path)
+        texts = [r["text"] for r in rows if isinstance(r.get("text"), str)]
+        if not texts:
+            fmt = datalib.detect_format(rows, "auto", path.name)
+            texts = [tokenizer.apply_chat_template(datalib.to_messages(r, fmt, path.name), tokenize=False)
+                     for r in rows]
+    elif cfg.data is not None:
+        path = cfg.resolve(cfg.data.train)
+        convs, _ = datalib.load_conversations(path, cfg.data.format)
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
+    else:
+        raise UsageError("quantize.calibration.file: needed when the config has no `data` section")
+    texts = texts[: qc.samples]
+    if len(texts) < qc.samples:
+        print(f"calibration: {len(texts)} rows available (quantize.calibration.samples asks for {qc.samples})")
+    return [_truncate(tokenizer, t, qc.max_length) for t in texts]
+
+
+def _truncate(tokenizer: Any, text: str, max_length: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_length else tokenizer.decode(ids[:max_length])
+
+
+def _heldout_texts(cfg: Config, tokenizer: Any) -> list[str]:
+    """Held-out text for perplexity: the validation rows, else the last rows of the training data."""
+    n = cfg.quantize.gates.perplexity_samples
+    if cfg.data is None:
+        return _calibration_texts(cfg, tokenizer)[:n]
+    path = cfg.resolve(cfg.data.validation or cfg.data.train)
+    convs, _ = datalib.load_conversations(path, cfg.data.format)
+    convs = convs[:n] if cfg.data.validation else convs[-n:]
+    return [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
+
+
+def perplexity(model_dir: Path, texts: list[str], max_length: int, batch_size: int = 16) -> float:
+    """exp(mean token negative log-likelihood) of `texts` under the model in `model_dir` (quantized or not)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with models.offline_if_local(True):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                     device_map={"": 0} if torch.cuda.is_available() else None)
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+                   for t in texts[i: i + batch_size]]
+            width = max(len(x) for x in enc)
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, x in enumerate(enc):
+                ids[j, : len(x)] = torch.tensor(x)
+                mask[j, : len(x)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = ids[:, 1:]
+            token_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            keep = mask[:, 1:].bool()
+            nll += token_nll[keep].sum().item()
+            count += int(keep.sum().item())
+    del model
+    return math.exp(nll / max(count, 1))
+
+
+def weights_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def _quantize(cfg: Config, source: Path, target: Path, calibration: list[str]) -> float:
+    """Quantize `source` into `target` with gptqmodel; returns the seconds spent quantizing."""
+    import torch
+
+    qc = cfg.quantize
+    on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        # gptqmodel's CPU pool needs as many workers as it asks for, and its C++ packer costs a ~30 s compile on
+        # first use; the Python packer writes byte-identical weights.
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+        os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    try:
+        from gptqmodel import GPTQModel, QuantizeConfig
+    except ImportError:
+        raise UsageError("quantize.backend: gptqmodel is not installed; pip install 'swiftci[quantize]'") from None
+    from transformers import AutoTokenizer
+
+    if qc.method == "gptq":
+        qconfig = QuantizeConfig(bits=qc.bits, group_size=qc.group_size, desc_act=qc.desc_act)
+        extra: dict[str, Any] = {}
+    else:
+        qconfig = QuantizeConfig(bits=qc.bits, group_size=qc.group_size, method="awq", format="gemm")
+        extra = {} if on_cuda else {"backend": "torch"}  # AWQ's default GEMM packer needs CUDA
+    source_dtype = json.loads((source / "config.json").read_text()).get("dtype") or "float32"
+    dtype = getattr(torch, source_dtype, torch.float32) if not on_cuda else torch.float16
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    t0 = time.monotonic()
+    model = GPTQModel.load(str(source), qconfig, device="cuda:0" if on_cuda else "cpu", dtype=dtype)
+    model.quantize(calibration, tokenizer=tokenizer, batch_size=qc.calibration.batch_size, **extra)
+    seconds = time.monotonic() - t0
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp))
+    # Serve exactly the generation settings the model was trained and evaluated with (gptqmodel writes its own).
+    if (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", tmp / "generation_config.json")
+    for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file() and not (tmp / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return seconds
+
+
+def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: str, out: Path,
+                          started: float) -> dict:
+    from transformers import AutoTokenizer
+
+    qc = cfg.quantize
+    target = out / "model"
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    calibration = _calibration_texts(cfg, tokenizer)
+    heldout = _heldout_texts(cfg, tokenizer)
+    ppl_before = perplexity(source, heldout, qc.calibration.max_length)
+    quantize_seconds = _quantize(cfg, source, target, calibration)
+    ppl_after = perplexity(target, heldout, qc.calibration.max_length)
+    size_before, size_after = weights_bytes(source), weights_bytes(target)
+    increase = (ppl_after - ppl_before) / ppl_before * 100
+    metrics = {
+        "size_before_bytes": size_before,
+        "size_after_bytes": size_after,
+        "size_ratio": round(size_after / size_before, 4) if size_before else None,
+        "perplexity_before": round(ppl_before, 4),
+        "perplexity_after": round(ppl_after, 4),
+        "perplexity_increase_pct": round(increase, 3),
+        "perplexity_rows": len(heldout),
+        "calibration_rows": len(calibration),
+        "quantize_seconds": round(quantize_seconds, 2),
+    }
+    limit = qc.gates.max_ppl_increase_pct
+    ppl_ok = math.isfinite(ppl_after) and increase <= limit + 1e-9
+    gates = [{"metric": "perplexity", "rule": f"increase ≤ {limit:g}%", "value": round(increase, 3),
+              "passed": ppl_ok,
+              "reason": "ok" if ppl_ok else f"perplexity rose {increase:.2f}% ({ppl_before:.4g} → {ppl_after:.4g}), "
+                                            f"more than {limit:g}%"}]
+    evaluation = None
+    if qc.gates.reuse_eval_gates and cfg.evaluate is not None:
+        evaluation = _reuse_eval_gates(cfg, target, out)
+        gates += [{**g, "metric": f"eval:{g['metric']}"} for g in evaluation["gates"]]
+    passed = all(g["passed"] for g in gates)
+    metrics["wall_seconds"] = round(time.monotonic() - started, 2)
+    report = {**base, "status": "passed" if passed else "failed", "passed": passed, "source_model": source_label,
+              "model_dir": "model", "metrics": metrics, "gates": gates}
+    if evaluation is not None:
+        report["eval"] = {"report": "evaluate/eval_report.json", "baseline": evaluation["baseline"],
+                          "metrics": evaluation["metrics"], "passed": evaluation["passed"]}
+    return report
+
+
+def _reuse_eval_gates(cfg: Config, target: Path, out: Path) -> dict:
+    """The evaluate section's gates on the quantized model; deltas against the unquantized model's eval report."""
+    from swiftci import evaluate
+
+    unquantized = cfg.stage_dir("evaluate") / evaluate.REPORT
+    baseline = str(unquantized) if unquantized.is_file() else None
+    try:
+        return evaluate.run(cfg, model_dir=target, baseline=baseline, out_dir=out / "evaluate")
+    except GateFailed:
+        return reports.read_json(out / "evaluate" / evaluate.REPORT)
+
+
+# --- reports ---------------------------------------------------------------------------------------------------
+
+
+def _write(out: Path, report: dict) -> None:
+    reports.write_json(out / REPORT, report)
+    reports.write_text(out / MARKDOWN, render_markdown(report))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_markdown(report: dict) -> str:
+    status = report.get("status")
+    title = f"### swiftci quantize — {report.get('method', '?').upper()} {report.get('bits')}-bit"
+    if status == "running":
+        return f"{title}\n\n⏳ **RUNNING**\n"
+    if status == "error":
+        return f"{title}\n\n❌ **FAIL** — quantization could not run: {report.get('reason')}\n"
+    gates = report.get("gates") or []
+    failed = [g for g in gates if not g["passed"]]
+    verdict = ("✅ **PASS** — all gates passed" if not failed else
+               f"❌ **FAIL** — {len(failed)} of {len(gates)} gates failed: "
+               + "; ".join(f"`{g['metric']}` {g['reason']}" for g in failed))
+    m = report.get("metrics") or {}
+    lines = [title, "", verdict, "",
+             f"Source: `{report.get('source_model')}` · group size {report.get('group_size')} · "
+             f"backend {report.get('backend')}", "",
+             "| | before | after | change |", "|---|---:|---:|---:|",
+             f"| size on disk | {_size(m.get('size_before_bytes'))} | {_size(m.get('size_after_bytes'))} | "
+             f"×{m.get('size_ratio')} |",
+             f"| perplexity (held-out, {m.get('perplexity_rows')} rows) | {m.get('perplexity_before')} | "
+             f"{m.get('perplexity_after')} | {m.get('perplexity_increase_pct'):+.2f}% |"
+             if m.get("perplexity_increase_pct") is not None else "| perplexity | — | — | — |",
+             "", "| gate | rule | value | |", "|---|---|---:|:-:|"]
+    for g in gates:
+        value = g.get("value")
+        shown = "—" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        lines.append(f"| `{g['metric']}` | {g['rule']}{'' if g['passed'] else ' — ' + g['reason']} | {shown} | "
+                     f"{'✅' if g['passed'] else '❌'} |")
+    ev = report.get("eval")
+    if ev:
+        lines += ["", f"Eval gates re-run on the quantized model (baseline: "
+                      f"{'the unquantized model' if ev.get('baseline', {}).get('kind') == 'report' else ev.get('baseline', {}).get('kind')}):"]
+        for task, metrics in (ev.get("metrics") or {}).items():
+            for name, mm in metrics.items():
+                delta = "" if mm.get("delta") is None else f" (Δ {mm['delta']:+.4f})"
+                lines.append(f"- `{task}/{name}`: {mm.get('value')}{delta}")
+    lines += ["", f"Quantized in {m.get('quantize_seconds')} s; stage took {m.get('wall_seconds')} s."]
+    return "\n".join(lines) + "\n"
