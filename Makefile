@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[train,eval,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[train,eval,quantize,dev]'
 	touch $(STAMP)
 
 tiny-model: $(TINY)/base-model/config.json

@@ -152,6 +152,25 @@ def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 
 @main.command()
 @_config_options
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Quantize this model or adapter folder instead of the train stage's output.")
+@_errors_to_exit_codes
+def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | None) -> None:
+    """Quantize to GPTQ/AWQ (merging a LoRA adapter first) and gate on perplexity and the eval gates."""
+    from swiftci import quantize as quantize_stage
+
+    cfg = _load(config_path, overrides)
+    try:
+        report = quantize_stage.run(cfg, model_dir=model_dir)
+    finally:
+        md = cfg.stage_dir("quantize") / quantize_stage.MARKDOWN
+        if md.is_file():
+            click.echo(md.read_text())
+    click.echo(f"quantize: {report['status']}  model: {cfg.stage_dir('quantize') / 'model'}")
+
+
+@main.command()
+@_config_options
 @click.option("--resume", is_flag=True, help="Resume training from its newest checkpoint.")
 @_errors_to_exit_codes
 def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:

@@ -287,6 +287,75 @@ def local_task_metrics(task_dir: Path) -> dict[str, list[str] | None]:
     return found
 
 
+# --- quantize --------------------------------------------------------------------------------------------------
+
+BITS_BY_METHOD = {"gptq": (2, 3, 4, 8), "awq": (4,)}
+
+
+class CalibrationConfig(Section):
+    samples: int = Field(default=128, gt=0, description="Calibration rows; more is slower (AWQ most) and steadier.")
+    max_length: int = Field(default=512, gt=0, description="Tokens per calibration row (longer rows are cut).")
+    batch_size: int = Field(default=8, gt=0, description="Calibration rows per forward pass.")
+    file: ExistingFile | None = Field(
+        default=None,
+        description="JSONL of calibration text ({text} or chat/alpaca rows), e.g. `data/calib.jsonl`. "
+        "Unset: the first rows of data.train.",
+    )
+
+
+class QuantizeGatesConfig(Section):
+    max_ppl_increase_pct: float = Field(
+        default=5.0, ge=0, description="Fail when held-out perplexity rises by more than this percentage."
+    )
+    reuse_eval_gates: bool = Field(
+        default=True,
+        description="Run the evaluate section's gates on the quantized model, with the unquantized model's eval "
+        "report as the baseline when there is one.",
+    )
+    perplexity_samples: int = Field(
+        default=128, gt=0, description="Held-out rows (data.validation, else the last training rows) for perplexity."
+    )
+
+
+class QuantizeConfig(Section):
+    method: Literal["gptq", "awq"] = Field(
+        default="gptq", description="`gptq` or `awq`; both load in vLLM, lmdeploy and transformers."
+    )
+    bits: int = Field(default=4, description="Bits per weight: gptq 2, 3, 4 or 8; awq 4.")
+    group_size: int = Field(
+        default=128,
+        description="Weights sharing one scale; must divide every quantized layer's input size, or -1 for one "
+        "group per output channel. Smaller groups: better quality, bigger files.",
+    )
+    desc_act: bool = Field(
+        default=False, description="GPTQ act-order: slightly better quality, slower kernels on some engines."
+    )
+    backend: Literal["gptqmodel"] = Field(
+        default="gptqmodel",
+        description="`gptqmodel`, the maintained successor of AutoGPTQ (see README for why llmcompressor is not "
+        "offered yet).",
+    )
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration data.")
+    gates: QuantizeGatesConfig = Field(default_factory=QuantizeGatesConfig, description="Quality gates.")
+
+    @model_validator(mode="after")
+    def _supported(self) -> QuantizeConfig:
+        problems = []
+        if self.bits not in BITS_BY_METHOD[self.method]:
+            allowed = ", ".join(map(str, BITS_BY_METHOD[self.method]))
+            problems.append(f"bits: {self.method} supports {allowed} bits, not {self.bits}; set `quantize.bits` "
+                            f"to {BITS_BY_METHOD[self.method][-1] if self.method == 'awq' else 4}"
+                            + (" or use `method: gptq` for other widths" if self.method == "awq" else ""))
+        if self.group_size == 0 or self.group_size < -1:
+            problems.append(f"group_size: {self.group_size} is not a group size; use a positive size such as 128, "
+                            "or -1 for one group per output channel")
+        if self.desc_act and self.method != "gptq":
+            problems.append("desc_act: only GPTQ has act-order; remove it or use `method: gptq`")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 # --- the whole file --------------------------------------------------------------------------------------------
 
 
@@ -304,6 +373,9 @@ class Config(Section):
     evaluate: EvaluateConfig | None = Field(
         default=None, description="lm-eval evaluation and quality gates. Unset: no evaluate stage."
     )
+    quantize: QuantizeConfig | None = Field(
+        default=None, description="GPTQ/AWQ quantization with a quality gate. Unset: no quantize stage."
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default=DEFAULT_CONFIG)
@@ -314,9 +386,9 @@ class Config(Section):
     def _sections_fit(self, info: ValidationInfo) -> Config:
         if self.train is not None and self.data is None:
             raise ValueError("data: a `train` section needs a `data` section with at least `train:`")
+        base = (info.context or {}).get("base_dir")
         ev = self.evaluate
         if ev is not None:
-            base = (info.context or {}).get("base_dir")
             local = local_task_metrics(Path(base) / ev.task_dir) if ev.task_dir and base else {}
             problems = []
             for i, gate in enumerate(ev.gates):
@@ -332,7 +404,26 @@ class Config(Section):
                                     "`none`; set it to `base` or an earlier eval_report.json, or use `min`")
             if problems:
                 raise ValueError("\n".join(problems))
+        if self.quantize is not None and base is not None:
+            self._check_quantize_fits(Path(base))
         return self
+
+    def _check_quantize_fits(self, base: Path) -> None:
+        """For a local base model, an impossible group size is caught here, before any GPU time is spent."""
+        from swiftci.quantize import layer_input_sizes
+
+        local = base / Path(self.model.id).expanduser()
+        if not (local / "config.json").is_file():
+            return  # a hub model: checked by `swiftci quantize` before it loads anything
+        qc = self.quantize
+        sizes = layer_input_sizes(json.loads((local / "config.json").read_text()))
+        bad = {name: size for name, size in sizes.items() if qc.group_size != -1 and size % qc.group_size}
+        if bad:
+            divisors = [g for g in (32, 64, 128) if all(v % g == 0 for v in sizes.values())]
+            fix = (f"set `quantize.group_size` to {' or '.join(map(str, divisors))}" if divisors
+                   else "set `quantize.group_size: -1`")
+            listed = ", ".join(f"{name} = {size}" for name, size in bad.items())
+            raise ValueError(f"quantize.group_size: {qc.group_size} does not divide the model's {listed}; {fix}")
 
     # Helpers for stage code -----------------------------------------------------------------------------------
 

@@ -46,7 +46,9 @@ class Candidate:
     run_id: str | None
 
 
-def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = None) -> dict:
+def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = None,
+        out_dir: Path | None = None) -> dict:
+    """Evaluate and gate; reports go to `out_dir` (default `<output_dir>/evaluate`). Raises GateFailed (exit 1)."""
     ev = cfg.evaluate
     if ev is None:
         raise UsageError(f"{cfg.source}: no `evaluate` section; add one with `tasks:` (see examples/tiny/swiftci.yaml)")
@@ -54,7 +56,7 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
     if baseline not in ("base", "none") and not cfg.resolve(baseline).is_file():
         raise UsageError(f"--baseline: {baseline} is not `base`, `none` or an existing eval_report.json")
     candidate = _candidate(cfg, model_dir)
-    out = cfg.stage_dir(STAGE)
+    out = out_dir or cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     base_report = reports.new_report(STAGE, "running", run_id=candidate.run_id,

@@ -78,11 +78,14 @@ def append_summary(markdown: str) -> bool:
 
 def stage_outputs(cfg: Config, stage: str) -> dict[str, str]:
     """The documented action outputs of a stage, read from its report (an absent report gives status `missing`)."""
+    from swiftci.pipeline import configured_stages
+
     out_dir = cfg.stage_dir(stage)
     report_path = out_dir / STAGE_REPORTS[stage][0]
+    stages = ",".join(configured_stages(cfg))
     if not report_path.is_file():
         return {"status": "missing", "report-path": str(report_path), "passed": "false", "metrics": "{}",
-                "model-path": "", "run-id": "", "output-dir": str(cfg.output_path)}
+                "model-path": "", "run-id": "", "output-dir": str(cfg.output_path), "stages": stages}
     report = reports.read_json(report_path)
     status = report.get("status", "unknown")
     model_path = ""
@@ -106,6 +109,7 @@ def stage_outputs(cfg: Config, stage: str) -> dict[str, str]:
         "run-id": report.get("run_id") or "",
         "metrics": json.dumps(report.get("metrics") or {}, separators=(",", ":"), sort_keys=True),
         "output-dir": str(cfg.output_path),
+        "stages": stages,
     }
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from swiftci.config import Config
 from swiftci.errors import SwiftCIError
 
-STAGES = ("train", "evaluate")
+STAGES = ("train", "evaluate", "quantize")
 
 
 def configured_stages(cfg: Config) -> list[str]:
@@ -33,6 +33,10 @@ def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print
                 from swiftci import evaluate
 
                 done[stage] = evaluate.run(cfg)
+            elif stage == "quantize":
+                from swiftci import quantize
+
+                done[stage] = quantize.run(cfg)
         except SwiftCIError:
             say(f"==> {stage} failed; its report: {cfg.stage_dir(stage)}")
             raise

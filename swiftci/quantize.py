@@ -85,7 +85,7 @@ def _source(cfg: Config, model_dir: Path | None, out: Path) -> tuple[Path, str]:
         if not path.is_dir():
             raise UsageError(f"--model: {model_dir} is not a folder")
         if models.is_adapter_dir(path):
-            return _merge(cfg, path, out), f"{path.name} (adapter, merged)"
+            return _merge(cfg, path, out), f"{path.name} (adapter merged into the base)"
         if not (path / "config.json").is_file():
             raise UsageError(f"--model: {model_dir} holds no model (config.json)")
         return path, path.name
@@ -104,7 +104,7 @@ def _source(cfg: Config, model_dir: Path | None, out: Path) -> tuple[Path, str]:
     outputs = reports.read_json(report_path).get("outputs") or {}
     if "model" in outputs:
         return train_dir / outputs["model"], f"train/{outputs['model']}"
-    return _merge(cfg, train_dir / outputs["adapter"], out), "train/adapter (merged)"
+    return _merge(cfg, train_dir / outputs["adapter"], out), "train/adapter (merged into the base)"
 
 
 def _merge(cfg: Config, adapter: Path, out: Path) -> Path:
@@ -245,6 +245,7 @@ def _quantize(cfg: Config, source: Path, target: Path, calibration: list[str]) -
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
         os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
     except ImportError:
@@ -257,8 +258,13 @@ def _quantize(cfg: Config, source: Path, target: Path, calibration: list[str]) -
     else:
         qconfig = QuantizeConfig(bits=qc.bits, group_size=qc.group_size, method="awq", format="gemm")
         extra = {} if on_cuda else {"backend": "torch"}  # AWQ's default GEMM packer needs CUDA
-    source_dtype = json.loads((source / "config.json").read_text()).get("dtype") or "float32"
-    dtype = getattr(torch, source_dtype, torch.float32) if not on_cuda else torch.float16
+    if on_cuda:
+        dtype = torch.float16
+    elif qc.method == "awq":
+        dtype = torch.bfloat16  # gptqmodel's CPU AWQ kernels take fp16/bf16 only
+    else:
+        source_dtype = json.loads((source / "config.json").read_text()).get("dtype") or "float32"
+        dtype = getattr(torch, source_dtype, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     t0 = time.monotonic()
     model = GPTQModel.load(str(source), qconfig, device="cuda:0" if on_cuda else "cpu", dtype=dtype)

@@ -124,11 +124,13 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
                                        "sha": "0123456789abcdef0123456789abcdef01234567"},
                               "base": {"ref": "main", "sha": "fedcba9876543210fedcba9876543210fedcba98"}},
              "repository": {"full_name": "acme/model-repo", "name": "model-repo", "owner": {"login": "acme"}}}
-    cfg = act_config(evaluate={"limit": 30})
     store = tmp_path / "store"
     store.mkdir()
     logs = []
     for run in range(2):
+        # the first push has every stage; the second drops quantize (the comment then shows it as skipped)
+        cfg = act_config(evaluate={"limit": 30}, quantize={"calibration": {"samples": 16},
+                                                           "gates": {"reuse_eval_gates": False}} if run == 0 else None)
         code, log = act(act_repo, tmp_path / f"run{run}", "pull_request", "tests/act/pull-request.yml",
                         event_json=event, variables={"SWIFTCI_CONFIG": str(cfg), "SWIFTCI_MODEL_STORE": str(store)},
                         env={"GITHUB_API_URL": api}, secrets={"GITHUB_TOKEN": TOKEN, "HF_TOKEN": HF_SECRET})
@@ -137,6 +139,10 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
         (only,) = github.for_pr(7)
         assert "| `tiny_reverse/exact_match` |" in only["body"] and "| train | ✅ |" in only["body"]
         assert "| evaluate | ✅ |" in only["body"]
+        if run == 0:
+            assert "| quantize | ✅ | size ×0.2" in only["body"] and "### swiftci quantize — GPTQ 4-bit" in only["body"]
+        else:
+            assert "| quantize | skipped |" in only["body"]
     methods = [m for m, _ in github.requests]
     assert methods.count("POST") == 1 and methods.count("PATCH") == 1
     assert not list(tmp_path.glob("pwned*")), "a payload in the pull request was executed"
@@ -146,6 +152,7 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
     (stored,) = store.glob("acme/model-repo/*/train/train_report.json")  # a re-run of one commit replaces it
     assert (stored.parent / "adapter").is_dir() and not list(store.rglob("checkpoints")), "the model went via the store"
     assert (stored.parent.parent / "evaluate/eval_report.json").is_file()
+    assert (stored.parent.parent / "quantize/model/config.json").is_file()
 
 
 # --- static checks ----------------------------------------------------------------------------------------------
@@ -206,5 +213,5 @@ def test_pipeline_declares_typed_inputs_secrets_and_least_privilege():
     assert "concurrency" in spec
     for job in spec["jobs"].values():
         assert "permissions" in job
-    assert list(spec["jobs"]) == ["train", "evaluate", "comment"]
+    assert list(spec["jobs"]) == ["train", "evaluate", "quantize", "comment"]
     assert spec["jobs"]["evaluate"]["needs"] == "train"

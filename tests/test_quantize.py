@@ -1,0 +1,105 @@
+"""`swiftci quantize` for real on the tiny model: GPTQ and AWQ with gptqmodel on CPU, reloaded with transformers,
+gated on perplexity and the reused eval gates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, TINY, clone_trained, read_json, swiftci
+
+pytestmark = pytest.mark.slow
+VALIDATION = TINY / "data" / "validation.jsonl"
+
+
+def exact_match_in_subprocess(model_dir) -> float:
+    """Reload with plain transformers on CPU, in a fresh process, and score held-out exact match (greedy)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from conftest import greedy_exact_match
+        print(greedy_exact_match({str(model_dir)!r}, {str(VALIDATION)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def unquantized_exact_match(trained):
+    return exact_match_in_subprocess(trained.train_dir / "model")
+
+
+def quantize(cfg, *args):
+    return swiftci("quantize", "-c", str(cfg), *args)
+
+
+def test_gptq_from_an_adapter(trained, tiny_model, tmp_path, unquantized_exact_match):
+    """GPTQ 4-bit on the LoRA adapter: merged into its base first, quantized, served-ready, still reverses words."""
+    cfg = clone_trained(trained, tmp_path, tiny_model, quantize={"method": "gptq", "bits": 4, "group_size": 128},
+                        evaluate={"limit": 40})
+    proc = quantize(cfg, "--model", str(tmp_path / "out/train/adapter"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out/quantize"
+    report = read_json(out / "quantize_report.json")
+    assert report["version"] == 1 and report["stage"] == "quantize" and report["passed"] is True
+    assert report["source_model"] == "adapter (adapter merged into the base)" and (out / "merged/config.json").is_file()
+    m = report["metrics"]
+    assert m["size_after_bytes"] < m["size_before_bytes"] * 0.3
+    assert abs(m["perplexity_increase_pct"]) < 5 and m["calibration_rows"] == 64
+    assert [g["metric"] for g in report["gates"]] == ["perplexity", "eval:tiny_reverse/exact_match",
+                                                      "eval:tiny_reverse_mc/acc"]
+    assert report["eval"]["baseline"]["kind"] in ("base", "report")
+    qcfg = json.loads((out / "model/config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"]) == ("gptq", 4, 128)
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / "model" / name).is_file()
+    assert json.loads((out / "model/generation_config.json").read_text()).get("do_sample") in (None, False)
+    em = exact_match_in_subprocess(out / "model")
+    assert em == pytest.approx(unquantized_exact_match, abs=0.05)
+    md = (out / "quantize_report.md").read_text()
+    assert "GPTQ 4-bit" in md and "| size on disk |" in md and "✅ **PASS**" in md
+
+
+def test_awq(trained, tiny_model, tmp_path, unquantized_exact_match):
+    cfg = clone_trained(trained, tmp_path, tiny_model, quantize={"method": "awq", "bits": 4, "group_size": 128,
+                                                                 "calibration": {"samples": 32}},
+                        evaluate={"limit": 40})
+    proc = quantize(cfg)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out/quantize"
+    report = read_json(out / "quantize_report.json")
+    assert report["passed"] and report["source_model"] == "train/model"
+    qcfg = json.loads((out / "model/config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"]) == ("awq", 4)
+    assert report["metrics"]["size_ratio"] < 0.3
+    assert exact_match_in_subprocess(out / "model") == pytest.approx(unquantized_exact_match, abs=0.05)
+
+
+def test_zero_percent_perplexity_gate_fails_with_its_reason(trained, tiny_model, tmp_path):
+    cfg = clone_trained(trained, tmp_path, tiny_model, quantize={
+        "method": "gptq", "gates": {"max_ppl_increase_pct": 0, "reuse_eval_gates": False}})
+    proc = quantize(cfg)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "quantization gate failed: perplexity perplexity rose" in proc.stderr and "more than 0%" in proc.stderr
+    report = read_json(tmp_path / "out/quantize/quantize_report.json")
+    assert report["status"] == "failed" and report["gates"][0]["passed"] is False
+    assert "❌ **FAIL**" in (tmp_path / "out/quantize/quantize_report.md").read_text()
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"method": "awq", "bits": 3}, "quantize.bits: awq supports 4 bits, not 3; set `quantize.bits` to 4"),
+    ({"method": "gptq", "bits": 5}, "quantize.bits: gptq supports 2, 3, 4, 8 bits, not 5"),
+    ({"group_size": 96}, "quantize.group_size: 96 does not divide the model's hidden_size"),
+    ({"group_size": 0}, "quantize.group_size: 0 is not a group size"),
+    ({"method": "awq", "desc_act": True}, "quantize.desc_act: only GPTQ has act-order"),
+])
+def test_impossible_combinations_are_config_errors(trained, tiny_model, tmp_path, section, message):
+    cfg = clone_trained(trained, tmp_path, tiny_model, quantize=section)
+    for command in ("validate", "quantize"):
+        proc = swiftci(command, "-c", str(cfg))
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr
