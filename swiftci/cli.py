@@ -120,10 +120,12 @@ def schema() -> None:
 @_errors_to_exit_codes
 def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Fine-tune the base model (LoRA, QLoRA or full SFT)."""
-    from swiftci import train as train_stage
+    from swiftci import pipeline
 
     cfg = _load(config_path, overrides)
-    report = train_stage.run(cfg, resume=resume)
+    with pipeline.notifications(cfg) as notifier:
+        report = pipeline.run_stage(cfg, "train", notifier, resume=resume)
+        pipeline.stage_finished(cfg, "train", report, notifier)
     m = report["metrics"]
     click.echo(f"train: ok  run {report['run_id']}  loss {_num(m['train_loss_first'])} → "
                f"{_num(m['train_loss_last'])}  {m['steps']} steps  {_num(m['tokens_per_second'], 0)} tok/s  "
@@ -139,10 +141,13 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
 def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | None, baseline: str | None) -> None:
     """Score the model with lm-eval against the baseline and apply the quality gates (exit 1 when one fails)."""
     from swiftci import evaluate as evaluate_stage
+    from swiftci import pipeline
 
     cfg = _load(config_path, overrides)
     try:
-        report = evaluate_stage.run(cfg, model_dir=model_dir, baseline=baseline)
+        with pipeline.notifications(cfg) as notifier:
+            report = pipeline.run_stage(cfg, "evaluate", notifier, model_dir=model_dir, baseline=baseline)
+            pipeline.stage_finished(cfg, "evaluate", report, notifier)
     finally:
         md = cfg.stage_dir("evaluate") / evaluate_stage.MARKDOWN
         if md.is_file():
@@ -157,11 +162,14 @@ def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 @_errors_to_exit_codes
 def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | None) -> None:
     """Quantize to GPTQ/AWQ (merging a LoRA adapter first) and gate on perplexity and the eval gates."""
+    from swiftci import pipeline
     from swiftci import quantize as quantize_stage
 
     cfg = _load(config_path, overrides)
     try:
-        report = quantize_stage.run(cfg, model_dir=model_dir)
+        with pipeline.notifications(cfg) as notifier:
+            report = pipeline.run_stage(cfg, "quantize", notifier, model_dir=model_dir)
+            pipeline.stage_finished(cfg, "quantize", report, notifier)
     finally:
         md = cfg.stage_dir("quantize") / quantize_stage.MARKDOWN
         if md.is_file():

@@ -135,6 +135,18 @@ class LoraConfig(Section):
     )
 
 
+class WatchdogConfig(Section):
+    max_grad_norm: float | None = Field(
+        default=None, gt=0,
+        description="Stop (exit 4) when a logged gradient norm exceeds this, e.g. 100. Unset: only non-finite "
+        "loss or gradient norm stops training.",
+    )
+    stall_minutes: float = Field(
+        default=30, gt=0, description="Fail (exit 3) when no optimizer step finishes for this long, e.g. a hung "
+        "data loader or collective."
+    )
+
+
 class TrainConfig(Section):
     method: Literal["sft"] = Field(default="sft", description="Training method: `sft` (supervised fine-tuning).")
     tuner: Literal["lora", "qlora", "full"] = Field(
@@ -170,6 +182,11 @@ class TrainConfig(Section):
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
     logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
     merge: bool = Field(default=False, description="Also write the adapter merged into the base model (`model/`).")
+    watchdog: WatchdogConfig = Field(
+        default_factory=WatchdogConfig,
+        description="Training health: a NaN/inf loss or gradient norm always stops training within one logging "
+        "step (exit 4), keeping the last good checkpoint.",
+    )
 
 
 # --- evaluate --------------------------------------------------------------------------------------------------
@@ -356,6 +373,52 @@ class QuantizeConfig(Section):
         return self
 
 
+# --- notify ----------------------------------------------------------------------------------------------------
+
+SECRET_PATHS = (("notify", "slack", "webhook"), ("notify", "slack", "token"), ("notify", "discord", "webhook"))
+
+
+class SlackConfig(Section):
+    webhook: str | None = Field(
+        default=None, description="Incoming webhook URL, e.g. `${SLACK_WEBHOOK_URL}`: one message per event."
+    )
+    token: str | None = Field(
+        default=None,
+        description="Bot token, e.g. `${SLACK_BOT_TOKEN}` (chat:write): one message per run, updated in place, "
+        "stage events in its thread. Needs `channel`.",
+    )
+    channel: str | None = Field(default=None, description="Channel id or name for the bot token, e.g. `C0123ABCD`.")
+    api_url: str = Field(
+        default="https://slack.com/api", description="Slack Web API base URL (change only for a proxy)."
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SlackConfig:
+        if bool(self.webhook) == bool(self.token):
+            raise ValueError("webhook: set exactly one of `webhook` (incoming webhook) or `token` (bot token)")
+        if self.token and not self.channel:
+            raise ValueError("channel: a bot `token` needs a `channel` to post in, e.g. `C0123ABCD`")
+        return self
+
+
+class DiscordConfig(Section):
+    webhook: str = Field(description="Discord webhook URL, e.g. `${DISCORD_WEBHOOK_URL}`.")
+
+
+class NotifyConfig(Section):
+    slack: SlackConfig | None = Field(default=None, description="Slack: an incoming webhook or a bot token.")
+    discord: DiscordConfig | None = Field(default=None, description="Discord: a webhook.")
+    mention: list[str] | None = Field(
+        default=None,
+        description="Who is pinged on failure, e.g. `[\"<@U012AB3CD>\"]` (Slack ids) or `[\"<@1234>\"]` "
+        "(Discord). Unset: the config's `owner`.",
+    )
+    progress_every: float = Field(default=30, gt=0, description="Minutes between progress messages during training.")
+    events: list[Literal["start", "progress", "finish", "failure"]] = Field(
+        default_factory=lambda: ["start", "progress", "finish", "failure"], description="Which events are sent."
+    )
+
+
 # --- the whole file --------------------------------------------------------------------------------------------
 
 
@@ -375,6 +438,9 @@ class Config(Section):
     )
     quantize: QuantizeConfig | None = Field(
         default=None, description="GPTQ/AWQ quantization with a quality gate. Unset: no quantize stage."
+    )
+    notify: NotifyConfig | None = Field(
+        default=None, description="Slack/Discord notifications. Unset: none."
     )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -504,13 +570,16 @@ def _walk_nodes(node: yaml.Node, path: tuple, where: _Located, problems: list[tu
             _walk_nodes(item, path + (i,), where, problems)
 
 
-def _expand_env(value: Any, path: tuple, problems: list[tuple[tuple, str]], secrets: list[str]) -> Any:
+def _expand_env(value: Any, path: tuple, problems: list[tuple[tuple, str]], secrets: list[str],
+                expanded: set[tuple] | None = None) -> Any:
     if isinstance(value, dict):
-        return {k: _expand_env(v, path + (k,), problems, secrets) for k, v in value.items()}
+        return {k: _expand_env(v, path + (k,), problems, secrets, expanded) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, path + (i,), problems, secrets) for i, v in enumerate(value)]
+        return [_expand_env(v, path + (i,), problems, secrets, expanded) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
+    if expanded is not None and _ENV_REF.search(value) and not value.startswith("$${"):
+        expanded.add(path)
 
     def repl(m: re.Match) -> str:
         if m.group(1):  # $${...} is a literal ${...}
@@ -697,7 +766,16 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
     _walk_nodes(node, (), where, problems)
 
     secrets: list[str] = []
-    raw = _expand_env(raw, (), problems, secrets)
+    expanded: set[tuple] = set()
+    raw = _expand_env(raw, (), problems, secrets, expanded)
+    for secret_path in SECRET_PATHS:  # a token written into swiftci.yaml ends up in git history
+        cur: Any = raw
+        for part in secret_path:
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if isinstance(cur, str) and cur and secret_path not in expanded:
+            name = "_".join(secret_path[1:]).upper()
+            problems.append((secret_path, f"write a reference such as ${{{name}}} and keep the value in a secret; a "
+                                          "literal value here would be committed to git"))
     from_cli: set[tuple] = set()
     for key, value in parse_overrides(overrides):
         _set_path(raw, key, value)

@@ -13,9 +13,13 @@ EXIT_DIVERGED = 4
 
 
 class SwiftCIError(Exception):
-    """Base class: a message for humans and the exit code it maps to."""
+    """Base class: a message for humans, the exit code it maps to, and a kind for reports and notifications."""
 
     exit_code = EXIT_STAGE_FAILED
+
+    def __init__(self, message: str = "", *, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind or type(self).__name__
 
 
 class UsageError(SwiftCIError):
@@ -48,3 +52,8 @@ class Diverged(SwiftCIError):
     """Training diverged: non-finite loss or gradient norm, or a gradient explosion (exit 4)."""
 
     exit_code = EXIT_DIVERGED
+
+    def __init__(self, message: str, *, step: int, last_good_step: int):
+        super().__init__(message)
+        self.step = step
+        self.last_good_step = last_good_step

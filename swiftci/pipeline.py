@@ -1,11 +1,15 @@
-"""`swiftci run`: the configured stages in order, stopping at the first failure with that stage's exit code."""
+"""Running stages: `swiftci run` runs the configured stages in order and stops at the first failure with that
+stage's exit code; single-stage commands run one. Both tell the notification channels how it went."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from swiftci.config import Config
-from swiftci.errors import SwiftCIError
+from swiftci.errors import SwiftCIError, UsageError
+from swiftci.notify import Message, Notifier, failure_message, finish_message
 
 STAGES = ("train", "evaluate", "quantize")
 
@@ -14,31 +18,70 @@ def configured_stages(cfg: Config) -> list[str]:
     return [s for s in STAGES if getattr(cfg, s, None) is not None]
 
 
+@contextmanager
+def notifications(cfg: Config) -> Iterator[Notifier]:
+    """A notifier for this command; on exit it waits a bounded time for queued messages, never longer."""
+    notifier = Notifier(cfg)
+    try:
+        yield notifier
+    finally:
+        notifier.close()
+
+
+def _run_id(cfg: Config) -> str | None:
+    from swiftci import reports
+
+    path = cfg.stage_dir("train") / "train_report.json"
+    return reports.read_json(path).get("run_id") if path.is_file() else None
+
+
+def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> dict:
+    """Run one stage; on failure, notify (what failed, why, the fix) and re-raise its error."""
+    try:
+        if stage == "train":
+            from swiftci import train
+
+            return train.run(cfg, notifier=notifier, **options)
+        if stage == "evaluate":
+            from swiftci import evaluate
+
+            return evaluate.run(cfg, **options)
+        if stage == "quantize":
+            from swiftci import quantize
+
+            return quantize.run(cfg, **options)
+        raise UsageError(f"unknown stage {stage!r}")
+    except SwiftCIError as e:
+        notifier.failure(failure_message(cfg, stage, _run_id(cfg), e.kind, str(e)))
+        raise
+
+
+def stage_finished(cfg: Config, stage: str, report: dict, notifier: Notifier) -> None:
+    """A single-stage command's finish message (a pipeline sends one for the whole run instead)."""
+    message = finish_message(cfg, {stage: report})
+    message.title = f"{cfg.name}: {stage} {report.get('status', 'done')}"
+    if stage != "train":
+        message.attachment = None
+    notifier.finish(message)
+
+
 def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every configured stage; return their reports. Raises the failing stage's error."""
-    done: dict[str, dict] = {}
     stages = configured_stages(cfg)
     if not stages:
-        from swiftci.errors import UsageError
-
         raise UsageError(f"{cfg.source}: no stage configured; add a `train` section")
-    for stage in stages:
-        say(f"==> {stage}")
-        try:
-            if stage == "train":
-                from swiftci import train
-
-                done[stage] = train.run(cfg, resume=resume)
-            elif stage == "evaluate":
-                from swiftci import evaluate
-
-                done[stage] = evaluate.run(cfg)
-            elif stage == "quantize":
-                from swiftci import quantize
-
-                done[stage] = quantize.run(cfg)
-        except SwiftCIError:
-            say(f"==> {stage} failed; its report: {cfg.stage_dir(stage)}")
-            raise
-        say(f"==> {stage}: {done[stage]['status']} — outputs in {cfg.stage_dir(stage)}")
+    done: dict[str, dict] = {}
+    with notifications(cfg) as notifier:
+        for stage in stages:
+            say(f"==> {stage}")
+            options = {"resume": resume} if stage == "train" else {}
+            try:
+                done[stage] = run_stage(cfg, stage, notifier, **options)
+            except SwiftCIError:
+                say(f"==> {stage} failed; its report: {cfg.stage_dir(stage)}")
+                raise
+            say(f"==> {stage}: {done[stage]['status']} — outputs in {cfg.stage_dir(stage)}")
+            if stage != stages[-1]:
+                notifier.stage(Message("stage", f"{cfg.name}: {stage} {done[stage]['status']}"))
+        notifier.finish(finish_message(cfg, done))
     return done

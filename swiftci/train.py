@@ -17,12 +17,15 @@ report that says "ok".
 
 from __future__ import annotations
 
+import _thread
 import datetime as dt
 import json
+import math
 import os
 import resource
 import shutil
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +34,8 @@ from typing import Any
 from swiftci import data as datalib
 from swiftci import models, reports, runinfo
 from swiftci.config import Config
-from swiftci.errors import StageError, SwiftCIError, UsageError
+from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
+from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
 
 STAGE = "train"
 REPORT = "train_report.json"
@@ -65,8 +69,9 @@ def check_runnable(cfg: Config) -> None:
             raise UsageError("train.tuner: qlora needs bitsandbytes: pip install 'swiftci[train]'") from None
 
 
-def run(cfg: Config, *, resume: bool = False) -> dict:
+def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) -> dict:
     check_runnable(cfg)
+    notifier = notifier or null_notifier(cfg)
     out = cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -75,28 +80,104 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     started = time.monotonic()
     reports.write_json(out / REPORT, reports.new_report(STAGE, "running", run_id=run_id))
     reports.write_text(out / MARKDOWN, render_markdown(reports.new_report(STAGE, "running", run_id=run_id), []))
+
+    def hard_stall() -> None:  # the main thread did not respond to the interrupt: report, notify, exit 3
+        reason = _stall_reason(cfg)
+        _fail(out, run_id, started, reason, "Stalled")
+        notifier.failure(failure_message(cfg, STAGE, run_id, "Stalled", reason))
+        notifier.close()
+
+    stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, hard_stall)
     try:
-        report = _train(cfg, out, ckpt_dir, run_id, last_ckpt, started)
-    except SwiftCIError as e:
-        _fail(out, run_id, started, str(e), type(e).__name__)
+        report = _train(cfg, out, ckpt_dir, run_id, last_ckpt, started, notifier, stall)
+    except Diverged as e:
+        suspects = _quarantine(ckpt_dir, e.last_good_step)
+        good = _last_checkpoint(ckpt_dir)
+        _fail(out, run_id, started, str(e), "Diverged", step=e.step,
+              last_good_checkpoint=good.name if good else None, quarantined=suspects)
         raise
+    except SwiftCIError as e:
+        _fail(out, run_id, started, str(e), e.kind)
+        raise
+    except KeyboardInterrupt:
+        if not stall.stalled:
+            _fail(out, run_id, started, "interrupted", "Interrupted")
+            raise
+        reason = _stall_reason(cfg)
+        _fail(out, run_id, started, reason, "Stalled")
+        raise StageError(reason, kind="Stalled") from None
     except MemoryError:
         _fail(out, run_id, started, "out of memory (host RAM)", "OutOfMemory")
-        raise StageError(f"training ran out of host memory; {OOM_TIPS}") from None
+        raise StageError(f"training ran out of host memory; {OOM_TIPS}", kind="OutOfMemory") from None
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
             _fail(out, run_id, started, "CUDA out of memory", "OutOfMemory")
-            raise StageError(f"training ran out of GPU memory; {OOM_TIPS}") from None
+            raise StageError(f"training ran out of GPU memory; {OOM_TIPS}", kind="OutOfMemory") from None
         _fail(out, run_id, started, f"{type(e).__name__}: {e}", type(e).__name__)
         raise StageError(f"training failed: {type(e).__name__}: {e}") from e
+    finally:
+        stall.stop()
+        plot_loss(out, run_id)
     return report
 
 
-def _fail(out: Path, run_id: str, started: float, reason: str, kind: str) -> None:
-    report = reports.new_report(STAGE, "failed", run_id=run_id, error={"kind": kind, "reason": reason},
+def _stall_reason(cfg: Config) -> str:
+    return f"no optimizer step finished for {cfg.train.watchdog.stall_minutes:g} minutes (train.watchdog.stall_minutes)"
+
+
+def _fail(out: Path, run_id: str, started: float, reason: str, kind: str, **extra: Any) -> None:
+    report = reports.new_report(STAGE, "failed", run_id=run_id, error={"kind": kind, "reason": reason, **extra},
                                 metrics={"wall_seconds": round(time.monotonic() - started, 2)})
+    if (out / "loss.png").is_file() or reports.read_jsonl(out / "loss.jsonl"):
+        report["loss_plot"] = "loss.png"
     reports.write_json(out / REPORT, report)
-    reports.write_text(out / MARKDOWN, render_markdown(report, []))
+    reports.write_text(out / MARKDOWN, render_markdown(report, reports.read_jsonl(out / "loss.jsonl")))
+
+
+def _quarantine(ckpt_dir: Path, last_good_step: int) -> list[str]:
+    """Checkpoints written after the last finite logged step may hold broken weights: rename them so `--resume`
+    never picks them; the last good checkpoint stays where it is."""
+    moved = []
+    for p in sorted(ckpt_dir.glob("checkpoint-*")):
+        if int(p.name.split("-")[1]) > last_good_step:
+            p.rename(p.with_name(f"diverged-{p.name}"))
+            moved.append(p.name)
+    return moved
+
+
+class StallWatchdog:
+    """Fails the run when no optimizer step finishes for `limit` seconds: interrupts the main thread, and if it is
+    stuck in native code (a hung collective or data loader) and does not respond, reports and exits with code 3."""
+
+    def __init__(self, limit: float, on_hard_stall):
+        self.limit = limit
+        self.on_hard_stall = on_hard_stall
+        self.last = time.monotonic()
+        self.stalled = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.last = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, name="swiftci-stall-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        tick = max(0.05, min(5.0, self.limit / 10))
+        while not self._stop.wait(tick):
+            if time.monotonic() - self.last > self.limit:
+                self.stalled = True
+                _thread.interrupt_main()
+                if not self._stop.wait(max(10.0, min(60.0, self.limit))):
+                    self.on_hard_stall()
+                    os._exit(EXIT_STAGE_FAILED)
+                return
 
 
 def _train_fingerprint(cfg: Config) -> str:
@@ -146,7 +227,8 @@ def _precision(tc_precision: str) -> tuple[str, Any]:
     return tc_precision, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc_precision]
 
 
-def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path | None, started: float) -> dict:
+def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path | None, started: float,
+           notifier: Notifier, stall: StallWatchdog) -> dict:
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
     from transformers import logging as hf_logging
@@ -267,7 +349,7 @@ def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path 
 
     loss_path = out / "loss.jsonl"
     history = _loss_history(loss_path, last_ckpt)
-    progress = _Progress(TrainerCallback, loss_path, history)
+    progress = _Progress(TrainerCallback, loss_path, history, cfg, run_id, notifier, stall)
     trainer = SwiftTrainer(model=model, args=args, train_dataset=train_set, data_collator=datalib.PadCollator(
         tokenizer.pad_token_id), processing_class=tokenizer, callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per logging step instead
@@ -343,6 +425,7 @@ def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path 
     report = reports.new_report(STAGE, "ok", run_id=run_id, method=tc.method, tuner=tc.tuner,
                                 base_model=cfg.model.id, metrics=metrics, outputs=outputs,
                                 loss_log="loss.jsonl", lineage="run.json")
+    report["loss_plot"] = "loss.png"
     reports.write_json(out / REPORT, report)
     reports.write_text(out / MARKDOWN, render_markdown(report, progress.records))
     return report
@@ -408,14 +491,44 @@ def _loss_history(loss_path: Path, last_ckpt: Path | None) -> list[dict]:
     return kept
 
 
-def _Progress(base: type, loss_path: Path, history: list[dict]):
-    """A TrainerCallback (built lazily: transformers is imported only here) that appends to loss.jsonl and prints
-    one line per logging step."""
+def _Progress(base: type, loss_path: Path, history: list[dict], cfg: Config, run_id: str, notifier: Notifier,
+              stall: StallWatchdog):
+    """A TrainerCallback (built lazily: transformers is imported only here) that appends to loss.jsonl, prints one
+    line per logging step, sends start/progress notifications, feeds the stall watchdog, and stops training at the
+    first non-finite loss or gradient norm (or one above train.watchdog.max_grad_norm)."""
+    watchdog = cfg.train.watchdog
+    every = cfg.notify.progress_every * 60 if cfg.notify is not None else float("inf")
 
     class Progress(base):
         def __init__(self) -> None:
             self.records = list(history)
             self.t0 = time.monotonic()
+            self.first_step_at: float | None = None
+            self.start_sent = False
+            self.last_progress = time.monotonic()
+            self.last_tokens = 0
+            self.last_good_step = history[-1]["step"] if history else 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = self.last_progress = time.monotonic()
+            self.last_tokens = state.num_input_tokens_seen
+            stall.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stall.beat()
+            now = time.monotonic()
+            if self.first_step_at is None:
+                self.first_step_at, self.first_step = now, state.global_step
+            elif not self.start_sent and (state.global_step - self.first_step >= 2 or
+                                          state.global_step >= state.max_steps):
+                per_step = (now - self.first_step_at) / max(1, state.global_step - self.first_step)
+                eta = per_step * (state.max_steps - state.global_step) + (now - self.t0)
+                notifier.start(Message("start", f"{cfg.name}: training started", fields=run_fields(cfg, run_id) + [
+                    ("steps", str(state.max_steps)), ("estimated duration", _duration(eta))]))
+                self.start_sent = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            stall.stop()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -430,5 +543,77 @@ def _Progress(base: type, loss_path: Path, history: list[dict]):
             print(f"step {state.global_step}/{state.max_steps}  loss {rec['loss']:.4f}  "
                   f"lr {rec['learning_rate']:.2e}  grad_norm {gn if gn is None else f'{gn:.3f}'}",
                   file=sys.stderr, flush=True)
+            self._check_health(rec)
+            if self.start_sent and time.monotonic() - self.last_progress >= every:
+                self._progress(state, rec)
+
+        def _check_health(self, rec: dict) -> None:
+            bad = [f"{k} is {rec[k]}" for k in ("loss", "grad_norm")
+                   if rec[k] is not None and not math.isfinite(rec[k])]
+            if not bad and watchdog.max_grad_norm is not None and (rec["grad_norm"] or 0) > watchdog.max_grad_norm:
+                bad.append(f"grad_norm {rec['grad_norm']:.4g} exceeds train.watchdog.max_grad_norm "
+                           f"({watchdog.max_grad_norm:g})")
+            if bad:
+                raise Diverged(f"training diverged at step {rec['step']}: {', '.join(bad)}; stopped, the last good "
+                               f"checkpoint is kept", step=rec["step"], last_good_step=self.last_good_step)
+            self.last_good_step = rec["step"]
+
+        def _progress(self, state, rec: dict) -> None:
+            now = time.monotonic()
+            tps = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_progress, 1e-9)
+            per_step = (now - self.t0) / max(1, state.global_step - (self.first_step or 0) + 1)
+            eta = per_step * (state.max_steps - state.global_step)
+            notifier.progress(Message("progress", f"{cfg.name}: step {state.global_step}/{state.max_steps}", fields=[
+                ("run", f"`{run_id}`"), ("loss", f"{rec['loss']:.4g}"), ("learning rate", f"{rec['learning_rate']:.2e}"),
+                ("tokens/s", f"{tps:,.0f}"), ("ETA", _duration(eta)), ("memory", _memory())]))
+            self.last_progress, self.last_tokens = now, state.num_input_tokens_seen
 
     return Progress()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _memory() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU (peak)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB RSS (peak)"
+
+
+def plot_loss(out: Path, title: str) -> Path | None:
+    """loss.png beside loss.jsonl (headless matplotlib); None when there is nothing to plot."""
+    records = [r for r in reports.read_jsonl(out / "loss.jsonl") if isinstance(r.get("loss"), (int, float))]
+    if len(records) < 2:
+        return None
+    try:
+        import logging
+
+        import matplotlib
+
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] if math.isfinite(r["loss"]) else float("nan") for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(steps, losses, color="#5b3cc4", linewidth=1.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, out / "loss.png")
+    return out / "loss.png"

@@ -1,0 +1,317 @@
+"""Notifications and the training watchdog, with local HTTP receivers standing in for Slack and Discord
+(pytest-httpserver) and real training runs of the tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from werkzeug import Request, Response
+
+from conftest import TINY, read_json, swiftci, tiny_config, write_config
+from swiftci import config as configlib
+from swiftci.notify import Message, Notifier, Redactor, slack_payload
+
+SLACK_TOKEN = "xoxb-000000000000-000000000000-SECRETsecretSECRET"
+HOOK_SECRET = "T0SECRETB0SECRETzz91hookpath"
+RUN_ENV = {"GITHUB_SERVER_URL": "https://github.com", "GITHUB_REPOSITORY": "acme/model-repo",
+           "GITHUB_RUN_ID": "4242"}
+
+
+class Receiver:
+    """Stands for Slack's Web API (chat.postMessage / chat.update) and for Slack and Discord webhooks."""
+
+    def __init__(self, httpserver):
+        self.calls: list[dict] = []
+        self.raw: list[bytes] = []
+        self.fail_next: list[tuple[int, dict]] = []
+        self.times: list[float] = []
+        self.ts = 0
+        httpserver.expect_request(re.compile(".*")).respond_with_handler(self.handle)
+        self.url = httpserver.url_for("/").rstrip("/")
+
+    def handle(self, request: Request) -> Response:
+        self.times.append(time.monotonic())
+        self.raw.append(request.get_data() + json.dumps(dict(request.form)).encode())
+        if self.fail_next:
+            status, headers = self.fail_next.pop(0)
+            return Response("busy", status=status, headers=headers)
+        if request.files:
+            body = json.loads(request.form["payload_json"])
+            files = {k: f.read() for k, f in request.files.items()}
+        else:
+            body, files = request.get_json(silent=True) or {}, {}
+        self.calls.append({"path": request.path, "body": body, "files": files,
+                           "auth": request.headers.get("Authorization")})
+        if request.path.endswith("chat.postMessage"):
+            self.ts += 1
+            return Response(json.dumps({"ok": True, "channel": "C0123", "ts": f"1700000000.{self.ts:06d}"}),
+                            content_type="application/json")
+        if request.path.endswith("chat.update"):
+            return Response(json.dumps({"ok": True, "channel": "C0123", "ts": body.get("ts")}),
+                            content_type="application/json")
+        return Response("ok")
+
+    def at(self, suffix: str) -> list[dict]:
+        return [c for c in self.calls if c["path"].endswith(suffix)]
+
+
+def notify_config(tiny_model, tmp_path, *, notify: dict, **sections) -> Path:
+    cfg = tiny_config(tiny_model, tmp_path / "out", **sections)
+    cfg["owner"] = "@alice"
+    cfg["notify"] = notify
+    cfg.pop("quantize", None)
+    return write_config(tmp_path / "swiftci.yaml", cfg)
+
+
+def all_text(receiver: Receiver) -> str:
+    return b"\n".join(receiver.raw).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_run_events_with_a_slack_bot_and_discord(tiny_model, tmp_path, httpserver):
+    """start, progress, stage and finish reach both channels; the Slack bot posts ONE message and updates it, with
+    stage events in its thread; Discord's finish carries the loss curve; nothing secret or absolute leaks."""
+    rx = Receiver(httpserver)
+    cfg = notify_config(tiny_model, tmp_path, train={"max_steps": 60, "logging_steps": 5, "merge": False},
+                        evaluate={"limit": 10, "tasks": ["tiny_reverse"], "gates": []},
+                        notify={"slack": {"token": "${SLACK_BOT_TOKEN}", "channel": "C0123",
+                                          "api_url": "${SLACK_API}"},
+                                "discord": {"webhook": "${DISCORD_HOOK}"}, "progress_every": 0.0001})
+    env = {**RUN_ENV, "SLACK_BOT_TOKEN": SLACK_TOKEN, "SLACK_API": f"{rx.url}/slack/api",
+           "DISCORD_HOOK": f"{rx.url}/discord/{HOOK_SECRET}"}
+    proc = swiftci("run", "-c", str(cfg), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    posts = rx.at("chat.postMessage")
+    top = [c for c in posts if "thread_ts" not in c["body"]]
+    assert len(top) == 1, "the bot posts one message per run"
+    ts = "1700000000.000001"
+    updates = rx.at("chat.update")
+    assert updates and all(c["body"]["ts"] == ts for c in updates), "later events update that message"
+    thread = [c for c in posts if c["body"].get("thread_ts") == ts]
+    assert any("train ok" in c["body"]["text"] for c in thread) and any("finished" in c["body"]["text"]
+                                                                         for c in thread)
+    assert all(c["auth"] == f"Bearer {SLACK_TOKEN}" for c in posts + updates)
+    start = top[0]["body"]
+    assert "training started" in start["text"]
+    fields = json.dumps(start["blocks"], ensure_ascii=False)
+    for expected in ("*run*", "tiny-reverse-sft-", "*dataset*", "train.jsonl", "*method*", "sft · lora",
+                     "*estimated duration*"):
+        assert expected in fields, expected
+    progress = [c["body"] for c in updates if "step " in c["body"]["text"] and "/60" in c["body"]["text"]]
+    assert progress, "progress updates the run's message"
+    assert all(k in json.dumps(progress[0]["blocks"], ensure_ascii=False) for k in ("*loss*", "*learning rate*", "*tokens/s*",
+                                                                 "*ETA*", "*memory*"))
+
+    discord = rx.at(f"/discord/{HOOK_SECRET}")
+    titles = [c["body"]["embeds"][0]["title"] for c in discord]
+    assert titles[0].startswith("🚀") and any(t.startswith("⏳") for t in titles) and titles[-1].startswith("✅")
+    finish = discord[-1]
+    assert finish["files"] and next(iter(finish["files"].values())).startswith(b"\x89PNG")
+    names = {f["name"] for f in finish["body"]["embeds"][0]["fields"]}
+    assert {"loss", "steps", "eval verdict"} <= names
+    assert finish["body"]["embeds"][0]["url"] == "https://github.com/acme/model-repo/actions/runs/4242"
+    assert "content" not in finish["body"], "no mention when nothing failed"
+
+    text = all_text(rx)
+    assert SLACK_TOKEN not in text and HOOK_SECRET not in text
+    assert str(tmp_path) not in text and str(TINY) not in text, "absolute paths must not leak"
+    assert (tmp_path / "out/train/loss.png").read_bytes().startswith(b"\x89PNG")
+    assert read_json(tmp_path / "out/train/train_report.json")["loss_plot"] == "loss.png"
+
+
+@pytest.mark.slow
+def test_divergence_stops_within_one_logging_step_keeps_the_last_good_checkpoint_and_notifies(
+        tiny_model, tmp_path, httpserver):
+    rx = Receiver(httpserver)
+    cfg = notify_config(tiny_model, tmp_path, evaluate=None, notify={"discord": {"webhook": "${DISCORD_HOOK}"}},
+                        train={"learning_rate": 5.0, "lr_scheduler": "linear", "warmup_ratio": 0.5,
+                               "max_steps": 100, "save_steps": 10, "logging_steps": 5, "merge": False})
+    proc = swiftci("train", "-c", str(cfg), env={"DISCORD_HOOK": f"{rx.url}/discord/{HOOK_SECRET}"})
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    out = tmp_path / "out/train"
+    records = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    first_bad = next(r["step"] for r in records if not all(
+        v is None or v == v and abs(v) != float("inf") for v in (r["loss"], r["grad_norm"])))
+    report = read_json(out / "train_report.json")
+    assert report["status"] == "failed" and report["error"]["kind"] == "Diverged"
+    assert report["error"]["step"] == first_bad == records[-1]["step"], "stopped at the first non-finite log"
+    good = out / "checkpoints" / report["error"]["last_good_checkpoint"]
+    assert int(good.name.split("-")[1]) < first_bad
+    from safetensors.torch import load_file
+
+    weights = load_file(good / "adapter_model.safetensors")
+    assert weights and all(t.isfinite().all() for t in weights.values()), "the kept checkpoint is finite"
+    assert not any(p.name.startswith("checkpoint-") and int(p.name.split("-")[1]) > first_bad
+                   for p in (out / "checkpoints").iterdir())
+    failure = rx.calls[-1]["body"]
+    assert failure["embeds"][0]["title"].startswith("❌") and "train failed" in failure["embeds"][0]["title"]
+    assert "diverged" in failure["embeds"][0]["description"] and "*Try:*" in failure["embeds"][0]["description"]
+    assert failure["content"] == "@alice", "failures mention the owner"
+    assert "training diverged at step" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gradient_norm_threshold(tiny_model, tmp_path):
+    cfg = notify_config(tiny_model, tmp_path, evaluate=None, notify={"events": ["failure"]},
+                        train={"max_steps": 30, "watchdog": {"max_grad_norm": 0.001}, "merge": False})
+    proc = swiftci("train", "-c", str(cfg))
+    assert proc.returncode == 4
+    assert "exceeds train.watchdog.max_grad_norm (0.001)" in proc.stderr
+    assert read_json(tmp_path / "out/train/train_report.json")["error"]["step"] == 1
+
+
+@pytest.mark.slow
+def test_no_optimizer_step_for_stall_minutes_fails(tiny_model, tmp_path):
+    long_rows = tmp_path / "long.jsonl"
+    long_rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "reverse: " + "abcd " * 80},
+                                                          {"role": "assistant", "content": "dcba " * 80}]}) + "\n"
+                                 for _ in range(64)))
+    cfg = tiny_config(tiny_model, tmp_path / "out", train={
+        "max_steps": 50, "max_length": 512, "batch_size": 32, "merge": False,
+        "watchdog": {"stall_minutes": 0.0005}})  # 30 ms: every step of these long rows takes longer
+    cfg["data"] = {"train": str(long_rows)}
+    cfg.pop("evaluate")
+    cfg.pop("quantize")
+    proc = swiftci("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "no optimizer step finished for 0.0005 minutes" in proc.stderr
+    assert read_json(tmp_path / "out/train/train_report.json")["error"]["kind"] == "Stalled"
+
+
+def _hanging_server() -> tuple[int, threading.Event]:
+    """Accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    stop = threading.Event()
+    held = []
+
+    def serve():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+        for c in held:
+            c.close()
+        sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock.getsockname()[1], stop
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.slow
+def test_endpoints_that_refuse_or_never_answer_cost_at_most_5_seconds(tiny_model, tmp_path):
+    port, stop = _hanging_server()
+    try:
+        sections = {"evaluate": None, "train": {"max_steps": 30, "logging_steps": 5, "merge": False}}
+        quiet = notify_config(tiny_model, tmp_path / "quiet", notify={"events": ["failure"]}, **sections)
+        dead = notify_config(tiny_model, tmp_path / "dead", notify={
+            "slack": {"webhook": "${SLACK_HOOK}"}, "discord": {"webhook": "${DISCORD_HOOK}"},
+            "progress_every": 0.0001}, **sections)
+        env = {"SLACK_HOOK": f"http://127.0.0.1:{_closed_port()}/hook",
+               "DISCORD_HOOK": f"http://127.0.0.1:{port}/api/webhooks/1/{HOOK_SECRET}"}
+        t0 = time.monotonic()
+        swiftci("train", "-c", str(quiet), check=0)
+        baseline = time.monotonic() - t0
+        t0 = time.monotonic()
+        proc = swiftci("train", "-c", str(dead), env=env, check=0)
+        with_dead = time.monotonic() - t0
+    finally:
+        stop.set()
+    assert read_json(tmp_path / "dead/out/train/train_report.json")["status"] == "ok"
+    assert with_dead - baseline <= 5.0, f"dead endpoints cost {with_dead - baseline:.1f} s"
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: notifications")]
+    assert 1 <= len(warnings) <= 3, warnings  # one per endpoint, not one per message
+    assert HOOK_SECRET not in proc.stderr
+
+
+# --- delivery and formatting, in process ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def webhook_cfg(tiny_model, tmp_path, monkeypatch):
+    def make(url: str, **notify) -> configlib.Config:
+        monkeypatch.setenv("SLACK_HOOK", url)
+        path = notify_config(tiny_model, tmp_path, evaluate=None,
+                             notify={"slack": {"webhook": "${SLACK_HOOK}"}, **notify})
+        return configlib.load(path)
+
+    return make
+
+
+def test_500_then_success_is_retried(webhook_cfg, httpserver):
+    rx = Receiver(httpserver)
+    rx.fail_next = [(500, {})]
+    n = Notifier(webhook_cfg(f"{rx.url}/hook"))
+    n.finish(Message("finish", "done"))
+    n.close()
+    assert len(rx.calls) == 1 and n.sent == [("slack", "finish")] and not n.warned
+
+
+def test_429_retry_after_is_respected(webhook_cfg, httpserver):
+    rx = Receiver(httpserver)
+    rx.fail_next = [(429, {"Retry-After": "2"})]
+    n = Notifier(webhook_cfg(f"{rx.url}/hook"))
+    n.finish(Message("finish", "done"))
+    n.close(budget=10)
+    assert len(rx.calls) == 1 and len(rx.times) == 2
+    assert rx.times[1] - rx.times[0] >= 1.9
+
+
+def test_a_failed_endpoint_is_dropped_after_one_warning(webhook_cfg, capsys):
+    n = Notifier(webhook_cfg(f"http://127.0.0.1:{_closed_port()}/hook"))
+    for i in range(5):
+        n.progress(Message("progress", f"step {i}"))
+    n.close()
+    assert capsys.readouterr().err.count("warning: notifications") == 1 and n.sent == []
+
+
+def test_events_filter(webhook_cfg, httpserver):
+    rx = Receiver(httpserver)
+    n = Notifier(webhook_cfg(f"{rx.url}/hook", events=["failure"]))
+    n.start(Message("start", "s"))
+    n.finish(Message("finish", "f"))
+    n.failure(Message("failure", "boom"))
+    n.close()
+    assert [c["body"]["text"][:6] for c in rx.calls] == ["❌ boom"]
+
+
+def test_slack_webhook_payload_reads_well():
+    payload = slack_payload(Message("failure", "bot: train failed", text="*Why:* NaN", fields=[("run", "`r1`")],
+                                    mention=True), ["<@U012AB3CD>"])
+    kinds = [b["type"] for b in payload["blocks"]]
+    assert kinds == ["header", "section", "section", "context"]
+    assert payload["blocks"][0]["text"]["text"] == "❌ bot: train failed"
+    assert payload["blocks"][3]["elements"][0]["text"] == "<@U012AB3CD>"
+    assert payload["text"].startswith("❌ bot: train failed")
+
+
+@pytest.mark.parametrize("raw,clean", [
+    ("data at /home/ci/private/customers.jsonl", "data at customers.jsonl"),
+    ("see ~/datasets/v2/train.jsonl now", "see train.jsonl now"),
+    ("token xoxb-1234567890-abcdefghij", "token •••"),
+    ("hf_abcdefghijklmnopqrstuvwxyz123", "•••"),
+    ("posting to https://hooks.slack.com/services/T0/B0/abc", "posting to •••"),
+    ("run https://github.com/acme/repo/actions/runs/1 ok", "run https://github.com/acme/repo/actions/runs/1 ok"),
+    ("ratio 3/4 and a/b", "ratio 3/4 and a/b"),
+    ("secret hunter2hunter2 here", "secret ••• here"),
+])
+def test_redaction(raw, clean):
+    assert Redactor(["hunter2hunter2"])(raw) == clean
