@@ -183,10 +183,16 @@ def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 @_errors_to_exit_codes
 def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Run every configured stage in order, stopping at the first failure."""
-    from swiftci import pipeline
+    from swiftci import ghactions, pipeline
 
     cfg = _load(config_path, overrides)
-    pipeline.run(cfg, resume=resume, say=lambda s: click.echo(s, err=True))
+    try:
+        pipeline.run(cfg, resume=resume, say=lambda s: click.echo(s, err=True))
+    finally:  # what each stage concluded, as people read it (the job summary in GitHub Actions)
+        for stage in pipeline.configured_stages(cfg):
+            md = ghactions.stage_summary(cfg, stage)
+            if md:
+                click.echo(md)
 
 
 @main.command()

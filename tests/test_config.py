@@ -223,3 +223,19 @@ def test_cli_does_not_import_heavy_libraries(cfg_file):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY:\n" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_core_install_without_torch(tmp_path, cfg_file):
+    """`pip install swiftci` with no extra gives a working validate and schema, and no torch."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          str(ROOT)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    assert subprocess.run([str(venv / "bin/python"), "-c", "import torch"], capture_output=True).returncode != 0
+    ok = subprocess.run([str(venv / "bin/swiftci"), "validate", "-c", str(cfg_file(GOOD))], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0, ok.stderr
+    schema = subprocess.run([str(venv / "bin/swiftci"), "schema"], capture_output=True, text=True)
+    assert schema.returncode == 0 and json.loads(schema.stdout)["title"] == "swiftci.yaml"
