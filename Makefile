@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TINY   := examples/tiny
 
-.PHONY: setup demo test tiny-model bench clean
+.PHONY: setup system-deps demo test tiny-model bench clean
 
 setup: $(STAMP) $(TINY)/base-model/config.json
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[train,eval,quantize,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[train,eval,quantize,deploy,dev]'
 	touch $(STAMP)
 
 tiny-model: $(TINY)/base-model/config.json
@@ -26,7 +26,17 @@ $(TINY)/base-model/config.json: $(TINY)/build_base_model.py | $(STAMP)
 demo: setup
 	$(VENV)/bin/swiftci run -c $(TINY)/swiftci.yaml
 
-test: setup
+# What the image and registry tests need (Debian packages; installed when missing and we are root).
+SYSTEM_TOOLS := buildah skopeo docker-registry busybox
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah skopeo docker-registry busybox-static; \
+	  else echo "missing:$$missing — install buildah skopeo docker-registry busybox-static (Debian/Ubuntu)"; exit 1; fi; \
+	fi
+
+test: setup system-deps
 	$(PY) -m pytest -q
 
 bench: setup

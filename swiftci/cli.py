@@ -67,6 +67,19 @@ def _config_options(fn):
     return fn
 
 
+def _live_answer(cfg) -> str | None:
+    """The first smoke answer of a deploy, as the demo's last line: the model speaking through the live endpoint."""
+    from swiftci import reports
+
+    path = cfg.stage_dir("deploy") / "deploy_report.json"
+    if not path.is_file():
+        return None
+    results = (reports.read_json(path).get("smoke") or {}).get("results") or []
+    if not results or results[0].get("answer") is None:
+        return None
+    return f"model answer from the live endpoint: {results[0]['prompt']!r} → {results[0]['answer']!r}"
+
+
 def _num(x, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -179,6 +192,33 @@ def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 
 @main.command()
 @_config_options
+@click.option("--dry-run", is_flag=True,
+              help="Write the Dockerfile, the validated manifests and the plan; touch no registry or cluster.")
+@click.option("--rollback", is_flag=True, help="Return to the last good revision before the current one.")
+@click.option("--image", "image_ref", metavar="REPO@sha256:…",
+              help="Deploy this already-pushed image instead of building one (e.g. promote a staging build).")
+@_errors_to_exit_codes
+def deploy(config_path: str, overrides: tuple[str, ...], dry_run: bool, rollback: bool,
+           image_ref: str | None) -> None:
+    """Build the serving image and roll it out (smoke test, automatic rollback), or serve locally."""
+    from swiftci import deploy as deploy_stage
+    from swiftci import pipeline
+
+    cfg = _load(config_path, overrides)
+    try:
+        with pipeline.notifications(cfg) as notifier:
+            report = pipeline.run_stage(cfg, "deploy", notifier, dry_run=dry_run, rollback=rollback,
+                                        image=image_ref)
+            pipeline.stage_finished(cfg, "deploy", report, notifier)
+    finally:
+        md = cfg.stage_dir("deploy") / deploy_stage.MARKDOWN
+        if md.is_file():
+            click.echo(md.read_text())
+    click.echo(f"deploy: {report['status']}  outputs: {cfg.stage_dir('deploy')}")
+
+
+@main.command()
+@_config_options
 @click.option("--resume", is_flag=True, help="Resume training from its newest checkpoint.")
 @_errors_to_exit_codes
 def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
@@ -193,6 +233,9 @@ def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
             md = ghactions.stage_summary(cfg, stage)
             if md:
                 click.echo(md)
+        answer = _live_answer(cfg)
+        if answer:
+            click.echo(answer)
 
 
 @main.command()

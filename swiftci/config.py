@@ -419,6 +419,146 @@ class NotifyConfig(Section):
     )
 
 
+# --- deploy ----------------------------------------------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
+
+
+class SmokePromptConfig(Section):
+    prompt: str = Field(min_length=1, description="A user message sent to /v1/chat/completions, e.g. `reverse: abcd`.")
+    expect: list[str] = Field(
+        default_factory=list, description="Substrings the answer must contain, e.g. `[dcba]`. Empty: any answer."
+    )
+
+
+class SmokeConfig(Section):
+    prompts: list[SmokePromptConfig] = Field(
+        default_factory=list, description="Prompts the new deployment must answer; empty: only the health check."
+    )
+    latency_budget_ms: int = Field(default=10000, gt=0, description="Each answer must arrive within this, e.g. 2000.")
+    max_tokens: int = Field(default=64, gt=0, description="max_tokens of each smoke request.")
+    url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible base URL that reaches the NEW pods from the runner, e.g. an ingress "
+        "`https://bot-canary.internal/v1`. Unset: a port-forward to a new pod through the Kubernetes API.",
+    )
+
+
+class CanaryConfig(Section):
+    replicas: int | None = Field(default=None, gt=0, description="Canary pods, e.g. 1.")
+    percent: float | None = Field(
+        default=None, gt=0, lt=100, description="Canary share of the replicas, e.g. 10 (rounded up to a pod)."
+    )
+    evaluate: bool = Field(
+        default=False,
+        description="Also score the evaluate gates through the canary's endpoint (lm-eval local-chat-completions) "
+        "before promoting; the offline eval report is the baseline.",
+    )
+    tasks: list[str] | None = Field(
+        default=None,
+        description="The evaluate tasks scored through the canary, e.g. `[support_faq]`: generation tasks only (a "
+        "chat endpoint gives no log-likelihoods). Unset: every evaluate task.",
+    )
+
+
+class DeployTimeouts(Section):
+    rollout_seconds: int = Field(default=1800, gt=0, description="Fail (and roll back) when the rollout takes longer.")
+    startup_seconds: int = Field(
+        default=1800, gt=0, description="How long a pod may take to load its model before it counts as failed."
+    )
+    smoke_seconds: int = Field(default=300, gt=0, description="Total time for the smoke prompts.")
+
+
+class LocalServeConfig(Section):
+    host: str = Field(default="127.0.0.1", description="Address `transformers serve` listens on.")
+    port: int = Field(default=0, ge=0, le=65535, description="Port; 0 picks a free one.")
+
+
+class DeployConfig(Section):
+    target: Literal["kubernetes", "local"] = Field(
+        default="kubernetes",
+        description="`kubernetes` (image + rollout) or `local` (serve here with transformers, smoke-test, stop).",
+    )
+    engine: Literal["lmdeploy", "vllm", "transformers"] = Field(
+        default="lmdeploy", description="Serving engine in the image: `lmdeploy`, `vllm`, or `transformers` (CPU)."
+    )
+    engine_image: str | None = Field(
+        default=None,
+        description="The untouched engine image the model is layered on, pinned by tag or digest, e.g. "
+        "`openmmlab/lmdeploy:v0.10.2-cu12`. Required for kubernetes.",
+    )
+    image: str | None = Field(
+        default=None,
+        description="Repository to push to, e.g. `ghcr.io/acme/support-bot`; tags are the run id and the git sha, "
+        "Kubernetes gets the digest. Required for kubernetes.",
+    )
+    builder: Literal["auto", "docker", "buildah"] = Field(
+        default="auto", description="`auto`: docker when its daemon answers, else buildah."
+    )
+    insecure_registry: bool = Field(
+        default=False, description="Push and pull over plain HTTP (a registry on localhost or in a lab)."
+    )
+    model: Literal["auto", "quantized", "merged"] = Field(
+        default="auto",
+        description="What ships: `quantized` (the quantize stage's model), `merged` (the train stage's full or merged "
+        "model); `auto`: quantized when the quantize stage passed, else merged.",
+    )
+    context: str | None = Field(default=None, description="kubeconfig context, e.g. `prod`. Unset: the current one.")
+    namespace: str = Field(default="default", description="Kubernetes namespace, e.g. `llm`.")
+    name: str | None = Field(default=None, description="Deployment and Service name. Unset: the config's `name`.")
+    replicas: int = Field(default=1, gt=0, description="Pods; more than 1 also gets a PodDisruptionBudget.")
+    gpus: int = Field(default=1, ge=0, description="nvidia.com/gpu per pod; 0 for the CPU engine.")
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Container requests/limits, e.g. `{requests: {cpu: \"4\", memory: 32Gi}}` (GPUs come from `gpus`).",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector, e.g. `{gpu: a100}`.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    port: int = Field(default=8000, gt=0, le=65535, description="Port of the OpenAI-compatible API.")
+    strategy: Literal["rolling", "canary"] = Field(
+        default="rolling",
+        description="`rolling`: replace pods, roll back on failure; `canary`: a `<name>-canary` Deployment behind "
+        "the same Service takes its share, is smoke-tested, then promoted or removed.",
+    )
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary size and checks.")
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig, description="The smoke test of a new deployment.")
+    timeouts: DeployTimeouts = Field(default_factory=DeployTimeouts, description="Time limits.")
+    kubernetes_version: str = Field(
+        default="1.33", pattern=r"^1\.\d+$", description="Kubernetes version whose schemas validate the manifests."
+    )
+    local: LocalServeConfig = Field(default_factory=LocalServeConfig, description="target: local settings.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> DeployConfig:
+        problems = []
+        if self.target == "kubernetes":
+            if not self.image:
+                problems.append("image: required for target kubernetes, e.g. `ghcr.io/acme/support-bot`")
+            if not self.engine_image:
+                problems.append("engine_image: required for target kubernetes, pinned, e.g. "
+                                "`openmmlab/lmdeploy:v0.10.2-cu12`")
+        if self.engine_image:
+            ref = self.engine_image
+            pinned = "@sha256:" in ref or (":" in ref.rsplit("/", 1)[-1] and not ref.endswith(":latest"))
+            if not pinned:
+                problems.append(f"engine_image: {ref!r} is not pinned; add a version tag or @sha256 digest "
+                                "(a moving tag would change what is served without a commit)")
+        if self.image and ("@" in self.image or ":" in self.image.rsplit("/", 1)[-1]):
+            problems.append("image: give the repository only (tags are the run id and git sha), e.g. "
+                            "`ghcr.io/acme/support-bot`")
+        if self.name is not None and not _DNS_LABEL.match(self.name):
+            problems.append(f"name: {self.name!r} is not a Kubernetes name; use lowercase letters, digits and dashes")
+        if self.strategy == "canary" and (self.canary.replicas is None) == (self.canary.percent is None):
+            problems.append("canary: set exactly one of `canary.replicas` or `canary.percent` for strategy canary")
+        if self.engine == "transformers" and self.gpus == 0 and self.target == "kubernetes":
+            pass
+        elif self.engine in ("lmdeploy", "vllm") and self.gpus == 0 and self.target == "kubernetes":
+            problems.append(f"gpus: {self.engine} needs a GPU per pod; set `gpus: 1` or `engine: transformers`")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 # --- the whole file --------------------------------------------------------------------------------------------
 
 
@@ -438,6 +578,9 @@ class Config(Section):
     )
     quantize: QuantizeConfig | None = Field(
         default=None, description="GPTQ/AWQ quantization with a quality gate. Unset: no quantize stage."
+    )
+    deploy: DeployConfig | None = Field(
+        default=None, description="Serving image and rollout (Kubernetes) or a local smoke-served run. Unset: none."
     )
     notify: NotifyConfig | None = Field(
         default=None, description="Slack/Discord notifications. Unset: none."
@@ -472,6 +615,13 @@ class Config(Section):
                 raise ValueError("\n".join(problems))
         if self.quantize is not None and base is not None:
             self._check_quantize_fits(Path(base))
+        dep = self.deploy
+        if dep is not None and dep.canary.evaluate:
+            if self.evaluate is None:
+                raise ValueError("deploy.canary.evaluate: needs an `evaluate` section whose gates it re-scores")
+            unknown = [t for t in (dep.canary.tasks or []) if t not in self.evaluate.tasks]
+            if unknown:
+                raise ValueError(f"deploy.canary.tasks: {', '.join(unknown)} not in evaluate.tasks")
         return self
 
     def _check_quantize_fits(self, base: Path) -> None:

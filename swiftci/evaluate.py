@@ -40,22 +40,31 @@ BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics (accuracy, ex
 class Candidate:
     """What is evaluated: a LoRA adapter on the config's base model, or a standalone model folder (or hub id)."""
 
-    label: str  # as shown in reports
-    kind: str  # "adapter" | "model" | "base"
-    path: Path | None  # adapter or model folder; None for the config's base model itself
+    label: str  # as shown in reports (the base URL for an endpoint)
+    kind: str  # "adapter" | "model" | "base" | "endpoint"
+    path: Path | None  # adapter or model folder; None for the config's base model itself and endpoints
     run_id: str | None
+    label_model: str = ""  # the served model name, for an endpoint
 
 
 def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = None,
-        out_dir: Path | None = None) -> dict:
-    """Evaluate and gate; reports go to `out_dir` (default `<output_dir>/evaluate`). Raises GateFailed (exit 1)."""
+        out_dir: Path | None = None, endpoint: tuple[str, str] | None = None) -> dict:
+    """Evaluate and gate; reports go to `out_dir` (default `<output_dir>/evaluate`). Raises GateFailed (exit 1).
+
+    `endpoint=(base_url, model name)` scores a served model through its OpenAI-compatible chat API instead of
+    loading weights (a canary); only generation tasks can be scored that way, the others fail closed."""
     ev = cfg.evaluate
     if ev is None:
         raise UsageError(f"{cfg.source}: no `evaluate` section; add one with `tasks:` (see examples/tiny/swiftci.yaml)")
     baseline = baseline if baseline is not None else ev.baseline
     if baseline not in ("base", "none") and not cfg.resolve(baseline).is_file():
         raise UsageError(f"--baseline: {baseline} is not `base`, `none` or an existing eval_report.json")
-    candidate = _candidate(cfg, model_dir)
+    if endpoint is not None:
+        candidate = Candidate(endpoint[0], "endpoint", None, _train_run_id(cfg), label_model=endpoint[1])
+        if baseline == "base":
+            baseline = "none"  # no weights to disable an adapter on; compare with an eval report instead
+    else:
+        candidate = _candidate(cfg, model_dir)
     out = out_dir or cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -247,6 +256,8 @@ def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> tu
     # Build each task (and read its dataset) once, before any weights are loaded; both models reuse the objects.
     with contextlib.chdir(task_dir):
         built = {task: _build_task(manager, task) for task in ev.tasks}
+    if candidate.kind == "endpoint":
+        return _evaluate_endpoint(cfg, candidate, built, manager, task_dir, out)
     model, tokenizer = _load_model(cfg, candidate)
     loads = 1
 
@@ -313,6 +324,37 @@ def _naming_task(task: str, label: str):
     except Exception as e:
         detail = f"{type(e).__name__}: {e}".rstrip(": ")
         raise StageError(f"lm-eval failed on task '{task}' ({label}): {detail}") from e
+
+
+def _evaluate_endpoint(cfg: Config, candidate: Candidate, built: dict, manager: Any, task_dir: Path,
+                       out: Path) -> tuple[dict, dict, None]:
+    """Score a served model through /v1/chat/completions with lm-eval's local-chat-completions model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    ev = cfg.evaluate
+    for task, objs in built.items():
+        kinds = {t.get_config("output_type") for t in objs if hasattr(t, "get_config")}
+        if kinds - {"generate_until"}:
+            raise StageError(f"task '{task}' needs log-likelihoods ({', '.join(sorted(kinds))}), which a chat "
+                             "endpoint cannot give; score only generation tasks through an endpoint "
+                             "(deploy.canary.tasks)")
+    lm = LocalChatCompletion(model=candidate.label_model, base_url=candidate.label.rstrip("/") + "/chat/completions",
+                             tokenizer_backend=None, tokenized_requests=False, num_concurrent=1, max_retries=2)
+    merged: dict[str, Any] = {}
+    tasks: dict[str, dict] = {}
+    for task in ev.tasks:
+        t0 = time.monotonic()
+        with contextlib.chdir(task_dir), _naming_task(task, "endpoint"):
+            result = simple_evaluate(model=lm, tasks=built[task], task_manager=manager, limit=ev.limit,
+                                     num_fewshot=ev.num_fewshot, apply_chat_template=True, log_samples=False,
+                                     bootstrap_iters=BOOTSTRAP_ITERS)
+        for key in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+            merged.setdefault(key, {}).update(result.get(key) or {})
+        tasks[task] = {"samples": _samples(merged, task), "seconds": round(time.monotonic() - t0, 2)}
+    _save_lm_eval(out / "lm_eval" / "candidate.json", merged)
+    tasks["_model_loads"] = 0
+    return tasks, merged, None
 
 
 def _save_lm_eval(path: Path, results: dict) -> None:

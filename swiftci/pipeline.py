@@ -11,7 +11,7 @@ from swiftci.config import Config
 from swiftci.errors import SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, finish_message
 
-STAGES = ("train", "evaluate", "quantize")
+STAGES = ("train", "evaluate", "quantize", "deploy")
 
 
 def configured_stages(cfg: Config) -> list[str]:
@@ -50,6 +50,10 @@ def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> di
             from swiftci import quantize
 
             return quantize.run(cfg, **options)
+        if stage == "deploy":
+            from swiftci import deploy
+
+            return deploy.run(cfg, **options)
         raise UsageError(f"unknown stage {stage!r}")
     except SwiftCIError as e:
         notifier.failure(failure_message(cfg, stage, _run_id(cfg), e.kind, str(e)))

@@ -1,0 +1,485 @@
+"""The deploy stage: ship the model that passed its gates.
+
+target local — serve it here with `transformers serve`, run the smoke prompts through the OpenAI API, stop.
+target kubernetes —
+1. pick the model (the quantized one when the quantize stage passed, else the merged/full model) and refuse to
+   ship one whose evaluation did not pass;
+2. render the Dockerfile (engine image untouched, model in its own layers) and the manifests, and validate the
+   manifests against the real Kubernetes schemas before touching anything (`--dry-run` stops here);
+3. build, push under the run id and the git sha, and record the digest — Kubernetes gets the image by digest;
+4. apply (server-side apply), watch the rollout, smoke-test the new pods; on a rollout timeout, a crash loop or a
+   failed smoke test, roll back to the previous good revision and exit non-zero with the reason.
+   `strategy: canary` puts a `<name>-canary` Deployment behind the same Service first, smoke-tests it, then
+   promotes or removes it. Re-deploying the digest that already runs changes nothing.
+
+Deploy history (revision, digest, run id, eval verdict, outcome) lives in the Deployment's annotations;
+`swiftci deploy --rollback` returns to the last good revision before the current one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from swiftci import reports, runinfo
+from swiftci.config import Config, DeployConfig
+from swiftci.deploy import image as imagelib
+from swiftci.deploy import kube, smoke
+from swiftci.errors import GateFailed, StageError, UsageError
+
+STAGE = "deploy"
+REPORT = "deploy_report.json"
+MARKDOWN = "deploy_report.md"
+
+
+def run(cfg: Config, *, dry_run: bool = False, rollback: bool = False, image: str | None = None) -> dict:
+    dc = cfg.deploy
+    if dc is None:
+        raise UsageError(f"{cfg.source}: no `deploy` section; add one (see examples/tiny/swiftci.yaml)")
+    out = cfg.stage_dir(STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    lineage = _lineage(cfg)
+    # One report dict, filled in by the steps as they go, so a failure still records how far the deploy got.
+    report = reports.new_report(STAGE, "running", target=dc.target, engine=dc.engine, run_id=lineage["run_id"],
+                                eval_verdict=lineage["eval_verdict"])
+    _write(out, report)
+    try:
+        if rollback:
+            _rollback(cfg, dc, out, report)
+        elif dc.target == "local":
+            _local(cfg, dc, out, report)
+        else:
+            _kubernetes(cfg, dc, out, report, lineage, dry_run=dry_run, prebuilt=image)
+    except Exception as e:
+        report["status"] = report["status"] if report.get("status") not in ("running", None) else "failed"
+        report["reason"] = str(e) if isinstance(e, (GateFailed, StageError, UsageError)) else \
+            f"{type(e).__name__}: {e}"
+        report["wall_seconds"] = round(time.monotonic() - started, 2)
+        _write(out, report)
+        if isinstance(e, (GateFailed, StageError, UsageError)):
+            raise
+        raise StageError(f"deploy failed: {type(e).__name__}: {e}") from e
+    report["wall_seconds"] = round(time.monotonic() - started, 2)
+    _write(out, report)
+    return report
+
+
+# --- what ships -------------------------------------------------------------------------------------------------
+
+
+def _lineage(cfg: Config) -> dict:
+    def read(stage: str, name: str) -> dict:
+        path = cfg.stage_dir(stage) / name
+        return reports.read_json(path) if path.is_file() else {}
+
+    train, ev, quant = (read("train", "train_report.json"), read("evaluate", "eval_report.json"),
+                        read("quantize", "quantize_report.json"))
+    verdict = None
+    if ev:
+        verdict = "passed" if ev.get("passed") else "failed"
+    base = read("train", "run.json").get("base_model") or {}
+    return {"run_id": train.get("run_id"), "eval_verdict": verdict, "eval": ev, "quantize": quant,
+            "train": train, "git": runinfo.git_commit(cfg.resolve(".")),
+            "base_revision": base.get("revision_resolved") or base.get("sha256") or cfg.model.revision}
+
+
+def model_to_ship(cfg: Config, dc: DeployConfig, lineage: dict) -> tuple[Path, str]:
+    """(model folder, kind). Fails closed: a model whose evaluation or quantization gate failed never ships."""
+    if cfg.evaluate is not None and lineage["eval"].get("passed") is not True:
+        state = lineage["eval"].get("status", "missing")
+        raise GateFailed(f"deploy refuses a model whose evaluation did not pass (eval report: {state}); "
+                         "run `swiftci evaluate` and fix what it reports")
+    quant = lineage["quantize"]
+    quantized = cfg.stage_dir("quantize") / "model"
+    want_quantized = dc.model == "quantized" or (dc.model == "auto" and cfg.quantize is not None)
+    if want_quantized:
+        if quant.get("passed") is not True or not (quantized / "config.json").is_file():
+            raise GateFailed(f"deploy.model: the quantized model has not passed its gates (quantize report: "
+                             f"{quant.get('status', 'missing')}); run `swiftci quantize`, or ship "
+                             "`model: merged`")
+        return quantized, f"quantized ({quant.get('method', '?')} {quant.get('bits', '?')}-bit)"
+    train = lineage["train"]
+    outputs = train.get("outputs") or {}
+    if "model" in outputs and (cfg.stage_dir("train") / outputs["model"] / "config.json").is_file():
+        return cfg.stage_dir("train") / outputs["model"], "merged" if "adapter" in outputs else "full"
+    if cfg.train is None and cfg.model_local_path is not None:
+        return cfg.model_local_path, "base"
+    raise UsageError("deploy.model: there is no full model to ship; set `train.merge: true` (or add a quantize "
+                     "section) and train again")
+
+
+def _quantization(model_dir: Path) -> str | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
+# --- target: local ------------------------------------------------------------------------------------------------
+
+
+def _local(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
+    from swiftci.deploy import local
+
+    model_dir, kind = model_to_ship(cfg, dc, _lineage(cfg))
+    report["model"] = {"path": _rel(cfg, model_dir), "kind": kind}
+    served = local.serve_and_smoke(model_dir, dc, out)
+    report.update(local=served, smoke=served["smoke"])
+    if not served["smoke"]["passed"]:
+        report["status"] = "failed"
+        failed = [r for r in served["smoke"]["results"] if not r["passed"]]
+        _write(out, report)
+        raise GateFailed("smoke test failed: " + "; ".join(f"{r['prompt']!r}: {r['reason']}" for r in failed))
+    report["status"] = "served"
+    return report
+
+
+# --- target: kubernetes -------------------------------------------------------------------------------------------
+
+
+def _kubernetes(cfg: Config, dc: DeployConfig, out: Path, report: dict, lineage: dict, *, dry_run: bool,
+                prebuilt: str | None) -> dict:
+    name = dc.name or cfg.name
+    git_sha = lineage["git"].get("sha")
+    tags = [t for t in (lineage["run_id"], git_sha) if t] or ["latest-build"]
+    report.update(name=name, namespace=dc.namespace, strategy=dc.strategy)
+
+    if prebuilt is not None:
+        if "@sha256:" not in prebuilt:
+            raise UsageError("--image: give a digest reference, e.g. registry/repo@sha256:…")
+        digest = prebuilt.split("@", 1)[1]
+        repository = prebuilt.split("@", 1)[0]
+        report["image"] = {"repository": repository, "digest": digest, "ref": prebuilt, "built": False}
+        quantization = None
+    else:
+        model_dir, kind = model_to_ship(cfg, dc, lineage)
+        quantization = _quantization(model_dir)
+        labels = _labels(cfg, dc, name, lineage, git_sha, quantization)
+        text = imagelib.dockerfile(dc.engine, dc.engine_image, name, dc.port, labels,
+                                   imagelib.weight_files(model_dir), quantization)
+        ctx = out / "context"
+        imagelib.build_context(model_dir, ctx, text)
+        reports.write_text(out / "Dockerfile", text)
+        report["model"] = {"path": _rel(cfg, model_dir), "kind": kind, "quantization": quantization}
+        repository = dc.image
+        report["image"] = {"repository": repository, "tags": tags, "dockerfile": "Dockerfile", "built": True}
+        digest = None
+
+    pending = kube.Release(image=f"{repository}@{digest or 'sha256:' + '0' * 64}", digest=digest or "sha256:pending",
+                           run_id=lineage["run_id"], eval_verdict=lineage["eval_verdict"])
+    manifests = kube.stable_manifests(dc, name, pending, [])
+    if dc.strategy == "canary":
+        manifests.append(kube.deployment(dc, name, pending, [], track="canary", replicas=kube.canary_replicas(dc)))
+    kube.validate(manifests, dc.kubernetes_version)
+    reports.write_text(out / "manifests.yaml", yaml.safe_dump_all(manifests, sort_keys=False))
+    report["manifests"] = "manifests.yaml"
+
+    if dry_run:
+        plan = [f"build {dc.engine} image FROM {dc.engine_image} with the model in its own layers"
+                if prebuilt is None else f"deploy the prebuilt image {prebuilt}",
+                f"push {repository}:{', '.join(tags)} and deploy it by digest" if prebuilt is None else "",
+                f"server-side apply {', '.join(m['kind'] + '/' + m['metadata']['name'] for m in manifests)} "
+                f"in namespace {dc.namespace}",
+                f"strategy {dc.strategy}: wait for the rollout, smoke-test "
+                f"{len(dc.smoke.prompts)} prompt(s), roll back on failure"]
+        report.update(status="dry_run", plan=[p for p in plan if p])
+        return report
+
+    if digest is None:
+        builder = imagelib.pick_builder(dc.builder)
+        t0 = time.monotonic()
+        stamp = runinfo.git(cfg.resolve("."), "log", "-1", "--format=%ct")
+        digest = imagelib.build_and_push(builder, out / "context", repository, tags, dc.insecure_registry,
+                                         timestamp=int(stamp) if stamp and stamp.isdigit() else 0)
+        report["image"].update({"digest": digest, "ref": f"{repository}@{digest}", "builder": builder,
+                                "build_seconds": round(time.monotonic() - t0, 2)})
+    report["image_digest"] = digest
+    release = kube.Release(image=f"{repository}@{digest}", digest=digest, run_id=lineage["run_id"],
+                           eval_verdict=lineage["eval_verdict"])
+    cluster = kube.Cluster(dc.context)
+    current = cluster.get("Deployment", dc.namespace, name)
+    history = _history(current)
+    report["history"] = history
+    if current is not None and _digest_of(current) == digest and history and history[-1]["status"] == "good":
+        report.update(status="unchanged", rollout={"result": "unchanged",
+                                                    "reason": f"{digest[:19]}… already runs; nothing applied"})
+        return report
+    if dc.strategy == "canary":
+        return _canary(cfg, cluster, dc, name, release, history, report, out)
+    return _rolling(cluster, dc, name, release, history, report)
+
+
+def _labels(cfg: Config, dc: DeployConfig, name: str, lineage: dict, git_sha: str | None,
+            quantization: str | None) -> dict[str, str]:
+    repo = lineage["git"].get("repository")
+    labels = {
+        "org.opencontainers.image.title": name,
+        "org.opencontainers.image.base.name": dc.engine_image,
+        "org.opencontainers.image.description": f"{cfg.model.id} fine-tuned by swiftci, served by {dc.engine}",
+        "dev.swiftci.run-id": lineage["run_id"] or "",
+        "dev.swiftci.base-model": cfg.model.id if cfg.model_local_path is None else Path(cfg.model.id).name,
+        "dev.swiftci.base-revision": lineage["base_revision"] or "",
+        "dev.swiftci.eval-verdict": lineage["eval_verdict"] or "not evaluated",
+        "dev.swiftci.quantization": quantization or "none",
+        "dev.swiftci.engine": dc.engine,
+    }
+    if git_sha:
+        labels["org.opencontainers.image.revision"] = git_sha
+    if repo:
+        labels["org.opencontainers.image.source"] = f"https://github.com/{repo}"
+    return labels
+
+
+def _history(deployment: dict | None) -> list[dict]:
+    if deployment is None:
+        return []
+    raw = ((deployment.get("metadata") or {}).get("annotations") or {}).get(kube.HISTORY)
+    try:
+        value = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _digest_of(deployment: dict) -> str | None:
+    return ((deployment.get("metadata") or {}).get("annotations") or {}).get(kube.DIGEST)
+
+
+def _previous_good(history: list[dict], not_digest: str) -> kube.Release | None:
+    for entry in reversed(history):
+        if entry.get("status") == "good" and entry.get("digest") != not_digest:
+            return kube.Release(image=entry["image"], digest=entry["digest"], run_id=entry.get("run_id"),
+                                eval_verdict=entry.get("eval_verdict"))
+    return None
+
+
+def _apply_stable(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release,
+                  history: list[dict]) -> tuple[bool, str, float]:
+    t0 = time.monotonic()
+    manifests = kube.stable_manifests(dc, name, release, history)
+    kube.validate(manifests, dc.kubernetes_version)
+    applied = [cluster.apply(m) for m in manifests]
+    generation = applied[0].get("metadata", {}).get("generation") or 1
+    ok, reason = cluster.wait_rollout(dc.namespace, name, generation, dc.replicas, release.revision,
+                                      dc.timeouts.rollout_seconds)
+    return ok, reason, time.monotonic() - t0
+
+
+def _record(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, history: list[dict]) -> None:
+    """Write the outcome into the Deployment's history annotation (an annotation change starts no rollout)."""
+    cluster.apply(kube.deployment(dc, name, release, history))
+
+
+def _smoke(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, track: str) -> dict:
+    served = imagelib.served_model_name(dc.engine, name)
+    if dc.smoke.url:
+        smoke.wait_healthy(dc.smoke.url, dc.timeouts.smoke_seconds)
+        return smoke.run(dc.smoke.url, served, dc.smoke, dc.timeouts.smoke_seconds)
+    from swiftci.deploy.portforward import forward
+
+    pods = [p for p in cluster.pods(dc.namespace, {kube.NAME_LABEL: name, kube.TRACK_LABEL: track,
+                                                   kube.REVISION_LABEL: release.revision})
+            if (p.get("status") or {}).get("phase") == "Running"]
+    if not pods:
+        return {"passed": False, "results": [], "reason": "no running pod of the new revision to smoke-test"}
+    with forward(cluster, dc.namespace, pods[0]["metadata"]["name"], dc.port) as base_url:
+        smoke.wait_healthy(base_url, dc.timeouts.smoke_seconds)
+        return smoke.run(base_url, served, dc.smoke, dc.timeouts.smoke_seconds)
+
+
+def _rolling(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, history: list[dict],
+             report: dict) -> dict:
+    previous = _previous_good(history, release.digest)
+    report["previous_digest"] = previous.digest if previous else None
+    pending = history + [kube.history_entry(release, "deploying")]
+    ok, reason, seconds = _apply_stable(cluster, dc, name, release, pending)
+    rollout = {"result": "rolled out" if ok else "failed", "reason": reason, "seconds": round(seconds, 2),
+               "revision": release.revision}
+    report["rollout"] = rollout
+    smoke_result = None
+    if ok:
+        smoke_result = _smoke(cluster, dc, name, release, "stable")
+        report["smoke"] = smoke_result
+    if ok and smoke_result["passed"]:
+        final = history + [kube.history_entry(release, "good")]
+        _record(cluster, dc, name, release, final)
+        report.update(status="deployed", history=final)
+        return report
+
+    why = reason if not ok else "smoke test failed: " + "; ".join(
+        f"{r['prompt']!r}: {r['reason']}" for r in smoke_result["results"] if not r["passed"]) + (
+        f" {smoke_result.get('reason')}" if smoke_result.get("reason") else "")
+    failed = history + [kube.history_entry(release, "rolled_back", reason=why[:300])]
+    report.update(status="rolled_back", history=failed)
+    if previous is not None:
+        back_ok, back_reason, back_s = _apply_stable(cluster, dc, name, previous, failed)
+        rollout["rollback"] = {"to": previous.digest, "run_id": previous.run_id, "ok": back_ok,
+                               "reason": back_reason, "seconds": round(back_s, 2)}
+        if not back_ok:
+            report["status"] = "failed"
+            raise StageError(f"{why}; the rollback to {previous.revision} did not finish either: {back_reason}")
+    else:  # a first deploy that fails has nothing to return to: take it out of service
+        scaled = kube.deployment(dc, name, release, failed, replicas=0)
+        cluster.apply(scaled)
+        rollout["rollback"] = {"to": None, "ok": True, "reason": "no earlier revision: scaled to 0 replicas"}
+    if not ok:
+        raise StageError(f"rollout failed and was rolled back: {why}")
+    raise GateFailed(f"{why}; rolled back")
+
+
+def _canary(cfg: Config, cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release,
+            history: list[dict], report: dict, out: Path) -> dict:
+    replicas = kube.canary_replicas(dc)
+    canary = kube.deployment(dc, name, release, history, track="canary", replicas=replicas)
+    kube.validate([canary], dc.kubernetes_version)
+    cluster.apply(kube.service(dc, name))
+    applied = cluster.apply(canary)
+    ok, reason = cluster.wait_rollout(dc.namespace, f"{name}-canary", applied["metadata"].get("generation") or 1,
+                                      replicas, release.revision, dc.timeouts.rollout_seconds)
+    report["canary"] = {"replicas": replicas, "stable_replicas": dc.replicas, "rollout": reason, "ok": ok}
+    smoke_result = _smoke(cluster, dc, name, release, "canary") if ok else None
+    report["smoke"] = smoke_result
+    scored = None
+    if ok and smoke_result["passed"] and dc.canary.evaluate:
+        if not dc.smoke.url:
+            raise UsageError("deploy.canary.evaluate: scoring through the canary needs `deploy.smoke.url` "
+                             "(an endpoint that reaches the canary pods)")
+        scored = _score_canary(cfg, dc, name, out, dc.smoke.url)
+        report["canary"]["evaluate"] = {"passed": scored["passed"], "gates": scored["gates"]}
+    passed = ok and smoke_result["passed"] and (scored is None or scored["passed"])
+    cluster.delete("Deployment", dc.namespace, f"{name}-canary") if not passed else None
+    if not passed:
+        why = reason if not ok else ("smoke test failed" if not smoke_result["passed"] else "canary eval gates failed")
+        aborted = history + [kube.history_entry(release, "canary_aborted", reason=why)]
+        current = cluster.get("Deployment", dc.namespace, name)
+        if current is not None:  # record the abort on the stable Deployment, whose pods stay untouched
+            _record_annotation(cluster, dc, name, current, aborted)
+        report.update(status="canary_aborted", history=aborted)
+        report["canary"]["result"] = "aborted"
+        if not ok:
+            raise StageError(f"canary rollout failed and was removed: {why}")
+        raise GateFailed(f"canary {why}; the canary was removed and the stable pods were never touched")
+    report["canary"]["result"] = "promoted"
+    promoted = _rolling(cluster, dc, name, release, history, report)
+    cluster.delete("Deployment", dc.namespace, f"{name}-canary")
+    promoted["status"] = "deployed"
+    return promoted
+
+
+def _record_annotation(cluster: kube.Cluster, dc: DeployConfig, name: str, current: dict, history: list[dict]) -> None:
+    annotations = (current.get("metadata") or {}).get("annotations") or {}
+    release = kube.Release(image=current["spec"]["template"]["spec"]["containers"][0]["image"],
+                           digest=annotations.get(kube.DIGEST, ""), run_id=annotations.get(kube.RUN_ID) or None,
+                           eval_verdict=annotations.get(kube.VERDICT) or None)
+    _record(cluster, dc, name, release, history)
+
+
+def _score_canary(cfg: Config, dc: DeployConfig, name: str, out: Path, base_url: str) -> dict:
+    """The evaluate gates, re-scored through the canary's OpenAI API; the offline eval report is the baseline."""
+    from swiftci import evaluate
+
+    ev = cfg.evaluate
+    tasks = dc.canary.tasks or ev.tasks
+    scoped = cfg.model_copy(update={"evaluate": ev.model_copy(update={
+        "tasks": tasks, "gates": [g for g in ev.gates if g.task in tasks]})})
+    offline = cfg.stage_dir("evaluate") / evaluate.REPORT
+    try:
+        return evaluate.run(scoped, baseline=str(offline) if offline.is_file() else "none",
+                            out_dir=out / "canary-eval",
+                            endpoint=(base_url, imagelib.served_model_name(dc.engine, name)))
+    except GateFailed:
+        return reports.read_json(out / "canary-eval" / evaluate.REPORT)
+
+
+# --- rollback ---------------------------------------------------------------------------------------------------
+
+
+def _rollback(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
+    if dc.target != "kubernetes":
+        raise UsageError("--rollback: only target kubernetes keeps a deploy history")
+    name = dc.name or cfg.name
+    cluster = kube.Cluster(dc.context)
+    current = cluster.get("Deployment", dc.namespace, name)
+    if current is None:
+        raise UsageError(f"--rollback: there is no Deployment {dc.namespace}/{name} to roll back")
+    history = _history(current)
+    target = _previous_good(history, _digest_of(current) or "")
+    report.update(name=name, namespace=dc.namespace, strategy="rollback", history=history)
+    if target is None:
+        raise UsageError(f"--rollback: the history of {name} has no earlier good revision")
+    entries = history + [kube.history_entry(target, "deploying", rollback=True)]
+    ok, reason, seconds = _apply_stable(cluster, dc, name, target, entries)
+    report["rollout"] = {"result": "rolled back" if ok else "failed", "reason": reason, "seconds": round(seconds, 2),
+                         "revision": target.revision}
+    report["image_digest"] = target.digest
+    if not ok:
+        raise StageError(f"rollback to {target.revision} did not finish: {reason}")
+    final = history + [kube.history_entry(target, "good", rollback=True)]
+    _record(cluster, dc, name, target, final)
+    report.update(status="rolled_back_by_request", history=final)
+    return report
+
+
+# --- reports ----------------------------------------------------------------------------------------------------
+
+
+def _rel(cfg: Config, path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(cfg.resolve(".").resolve()))
+    except ValueError:
+        return path.name
+
+
+def _write(out: Path, report: dict) -> None:
+    reports.write_json(out / REPORT, report)
+    reports.write_text(out / MARKDOWN, render_markdown(report))
+
+
+ICON = {"deployed": "✅", "served": "✅", "unchanged": "✅", "dry_run": "📝", "rolled_back_by_request": "↩️",
+        "running": "⏳", "rolled_back": "❌", "canary_aborted": "❌", "failed": "❌"}
+
+
+def render_markdown(report: dict) -> str:
+    status = report.get("status", "?")
+    lines = [f"### swiftci deploy — {report.get('target')}", "",
+             f"{ICON.get(status, '')} **{status.replace('_', ' ').upper()}**"
+             + (f" — {report['reason']}" if report.get("reason") else "")]
+    rows = []
+    if report.get("model"):
+        rows.append(("model", f"`{report['model']['path']}` ({report['model']['kind']})"))
+    img = report.get("image") or {}
+    if img.get("digest"):
+        rows.append(("image", f"`{img.get('repository')}@{img['digest']}`"))
+    if img.get("tags"):
+        rows.append(("tags", ", ".join(f"`{t}`" for t in img["tags"])))
+    if report.get("name"):
+        rows.append(("Kubernetes", f"`{report.get('namespace')}/{report['name']}` · {report.get('strategy')}"))
+    rollout = report.get("rollout") or {}
+    if rollout:
+        rows.append(("rollout", f"{rollout.get('result')} — {rollout.get('reason')}"))
+        back = rollout.get("rollback")
+        if back:
+            rows.append(("rollback", f"to `{(back.get('to') or 'nothing')[:19]}` — {back.get('reason')}"))
+    if report.get("canary"):
+        c = report["canary"]
+        rows.append(("canary", f"{c.get('replicas')} pod(s) beside {c.get('stable_replicas')} stable — "
+                               f"{c.get('result', 'pending')}"))
+    local = report.get("local")
+    if local:
+        rows.append(("served", f"{local['url']} (ready in {local['ready_seconds']} s)"))
+    if rows:
+        lines += ["", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+    sm = report.get("smoke")
+    if sm and sm.get("results"):
+        lines += ["", "| smoke prompt | answer | latency | |", "|---|---|---:|:-:|"]
+        for r in sm["results"]:
+            answer = (r.get("answer") or "").replace("|", "\\|").replace("\n", " ")[:80]
+            lat = f"{r['latency_ms']:.0f} ms" if r.get("latency_ms") is not None else "—"
+            lines.append(f"| `{r['prompt'][:60]}` | {answer or r.get('reason', '')} | {lat} | "
+                         f"{'✅' if r['passed'] else '❌'} |")
+    plan = report.get("plan")
+    if plan:
+        lines += ["", "Plan (nothing was built or applied):", *[f"1. {p}" for p in plan]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,71 @@
+"""The smoke test of a new deployment: its health endpoint answers, and each configured prompt gets an answer
+through the OpenAI-compatible chat API that contains the expected substrings, within the latency budget."""
+
+from __future__ import annotations
+
+import time
+
+from swiftci.config import SmokeConfig
+
+
+def wait_healthy(base_url: str, timeout: float, is_alive=lambda: True) -> None:
+    """Poll GET /health until it answers 200; raise TimeoutError (or RuntimeError when the server died)."""
+    import requests
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_alive():
+            raise RuntimeError("the server exited before it became healthy")
+        try:
+            if requests.get(f"{root}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{root}/health did not answer 200 within {timeout:.0f} s")
+
+
+def run(base_url: str, model: str, smoke: SmokeConfig, timeout: float) -> dict:
+    """Send every smoke prompt; returns {"passed", "results": [{prompt, answer, latency_ms, passed, reason}]}."""
+    import requests
+
+    url = base_url.rstrip("/")
+    url = url if url.endswith("/v1") else f"{url}/v1"
+    deadline = time.monotonic() + timeout
+    results = []
+    for p in smoke.prompts:
+        result = {"prompt": p.prompt, "expect": p.expect, "answer": None, "latency_ms": None, "passed": False,
+                  "reason": ""}
+        results.append(result)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            result["reason"] = "no time left in deploy.timeouts.smoke_seconds"
+            continue
+        t0 = time.monotonic()
+        try:
+            resp = requests.post(f"{url}/chat/completions", timeout=min(remaining, smoke.latency_budget_ms / 1000 + 30),
+                                 json={"model": model, "messages": [{"role": "user", "content": p.prompt}],
+                                       "max_tokens": smoke.max_tokens, "temperature": 0})
+        except requests.RequestException as e:
+            result["reason"] = f"request failed: {type(e).__name__}"
+            continue
+        latency = (time.monotonic() - t0) * 1000
+        result["latency_ms"] = round(latency, 1)
+        if resp.status_code != 200:
+            result["reason"] = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            continue
+        try:
+            answer = resp.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            result["reason"] = f"not an OpenAI chat completion: {resp.text[:200]}"
+            continue
+        result["answer"] = answer
+        missing = [e for e in p.expect if e not in answer]
+        if missing:
+            result["reason"] = f"answer {answer[:120]!r} lacks {missing}"
+        elif latency > smoke.latency_budget_ms:
+            result["reason"] = f"answered in {latency:.0f} ms, over the {smoke.latency_budget_ms} ms budget"
+        else:
+            result["passed"], result["reason"] = True, "ok"
+    return {"passed": all(r["passed"] for r in results), "results": results}

@@ -1,0 +1,277 @@
+"""Stands for a Kubernetes API server (no real one can run on our machines), for the deploy tests.
+
+A threaded HTTP server speaking the part of the API that `swiftci deploy` and the official `kubernetes` client use:
+namespaced Deployments, Services, PodDisruptionBudgets and Pods; GET, list (labelSelector, fieldSelector on
+metadata.name), watch (?watch=true with timeoutSeconds), server-side apply (PATCH application/apply-patch+yaml,
+which creates missing objects), merge PATCH, PATCH on /status, DELETE; uid, resourceVersion and generation
+bookkeeping (generation moves only when the spec changes).
+
+It runs no controllers: a test passes `controller`, a function called after every Deployment write, to play the
+Deployment controller and the kubelet (set .status, create pods with container states).
+
+Why not kmock (evaluated first, v0.8): its Kubernetes emulator returns 404 for a server-side apply that creates an
+object, does not route PUT, ignores labelSelector and timeoutSeconds (a watch with a timeout never ends) and drops
+watch events for objects stored without metadata.namespace; fixing that meant subclassing name-mangled internals.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+KINDS = {  # plural -> (apiVersion, kind)
+    "deployments": ("apps/v1", "Deployment"),
+    "services": ("v1", "Service"),
+    "poddisruptionbudgets": ("policy/v1", "PodDisruptionBudget"),
+    "pods": ("v1", "Pod"),
+}
+PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/"
+                  r"(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?$")
+
+
+def _merge(base: dict, patch: dict) -> dict:
+    """Recursive merge; lists are replaced whole (close to SSA for the fields swiftci owns)."""
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif v is None:
+            out.pop(k, None)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _matches(obj: dict, label_selector: str | None, field_selector: str | None) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for term in filter(None, (label_selector or "").split(",")):
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            if labels.get(k) == v:
+                return False
+        elif "=" in term:
+            k, v = term.replace("==", "=").split("=", 1)
+            if labels.get(k) != v:
+                return False
+        elif term not in labels:
+            return False
+    for term in filter(None, (field_selector or "").split(",")):
+        k, _, v = term.partition("=")
+        if k == "metadata.name" and obj["metadata"]["name"] != v:
+            return False
+    return True
+
+
+class FakeKubeAPI:
+    def __init__(self, controller: Callable[[FakeKubeAPI, dict], None] | None = None):
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.events: list[tuple[str, str, dict]] = []  # (plural, type, object)
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, content type)
+        self.controller = controller
+        self.lock = threading.Condition()
+        self._rv = itertools.count(1000)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                fake._dispatch(self, "GET")
+
+            def do_PATCH(self):
+                fake._dispatch(self, "PATCH")
+
+            def do_POST(self):
+                fake._dispatch(self, "POST")
+
+            def do_PUT(self):
+                fake._dispatch(self, "PUT")
+
+            def do_DELETE(self):
+                fake._dispatch(self, "DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def kubeconfig(self, path) -> str:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}]}))
+        return str(path)
+
+    # Test-side helpers (they go through the same bookkeeping and watch events as API calls) -----------------
+
+    def get(self, plural: str, ns: str, name: str) -> dict | None:
+        with self.lock:
+            obj = self.objects.get((plural, ns, name))
+            return copy.deepcopy(obj) if obj else None
+
+    def put(self, plural: str, obj: dict, *, status_only: bool = False) -> dict:
+        """Create or update an object as a controller or the kubelet would, status included."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        with self.lock:
+            if not status_only and "status" in obj and (plural, ns, name) not in self.objects:
+                self._write(plural, ns, name, obj, apply=True, status_only=False, run_controller=False)
+                status_only = True
+            return self._write(plural, ns, name, obj, apply=True, status_only=status_only, run_controller=False)
+
+    def remove(self, plural: str, ns: str, name: str) -> None:
+        with self.lock:
+            obj = self.objects.pop((plural, ns, name), None)
+            if obj is not None:
+                self._event(plural, "DELETED", obj)
+
+    def list(self, plural: str, ns: str, label_selector: str | None = None) -> list[dict]:
+        with self.lock:
+            return [copy.deepcopy(o) for (p, n, _), o in self.objects.items()
+                    if p == plural and n == ns and _matches(o, label_selector, None)]
+
+    # The API --------------------------------------------------------------------------------------------------
+
+    def _event(self, plural: str, kind: str, obj: dict) -> None:
+        self.events.append((plural, kind, copy.deepcopy(obj)))
+        self.lock.notify_all()
+
+    def _write(self, plural: str, ns: str, name: str, body: dict, *, apply: bool, status_only: bool,
+               run_controller: bool = True) -> dict:
+        key = (plural, ns, name)
+        old = self.objects.get(key)
+        if old is None:
+            if status_only or not apply:
+                raise KeyError(name)
+            api_version, kind = KINDS[plural]
+            obj = _merge({"apiVersion": api_version, "kind": kind}, body)
+            obj["metadata"].update(name=name, namespace=ns, uid=str(uuid.uuid4()), generation=1,
+                                   creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            obj.pop("status", None)
+            event = "ADDED"
+        elif status_only:
+            obj = copy.deepcopy(old)
+            obj["status"] = _merge(old.get("status") or {}, body.get("status") or {})
+            event = "MODIFIED"
+        else:
+            patch = {k: v for k, v in body.items() if k != "status"}
+            obj = _merge(old, patch)
+            if obj.get("spec") != old.get("spec"):
+                obj["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+            event = "MODIFIED"
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        self.objects[key] = obj
+        self._event(plural, event, obj)
+        result = copy.deepcopy(obj)
+        if run_controller and plural == "deployments" and self.controller is not None and not status_only:
+            threading.Thread(target=self.controller, args=(self, copy.deepcopy(obj)), daemon=True).start()
+        return result
+
+    def _dispatch(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        url = urlparse(h.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        ctype = h.headers.get("Content-Type", "")
+        self.requests.append((method, url.path, ctype))
+        if url.path in ("/version", "/version/"):
+            return self._send(h, 200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0-fake"})
+        m = PATH.match(url.path)
+        if not m or m["plural"] not in KINDS:
+            return self._send(h, 404, self._status(404, "NotFound", f"no route for {url.path}"))
+        plural, ns, name, sub = m["plural"], m["ns"], m["name"], m["sub"]
+        body = json.loads(raw) if raw else {}
+        with self.lock:
+            if method == "GET" and name is None and query.get("watch") in ("true", "1"):
+                return self._watch(h, plural, ns, query)
+            if method == "GET" and name is None:
+                items = [o for (p, n, _), o in self.objects.items()
+                         if p == plural and n == ns and _matches(o, query.get("labelSelector"),
+                                                                 query.get("fieldSelector"))]
+                api_version, kind = KINDS[plural]
+                return self._send(h, 200, {"apiVersion": api_version, "kind": f"{kind}List",
+                                           "metadata": {"resourceVersion": str(next(self._rv))}, "items": items})
+            key = (plural, ns, name)
+            if method == "GET":
+                obj = self.objects.get(key)
+                return self._send(h, 200, obj) if obj else self._send(h, 404, self._status(404, "NotFound", name))
+            if method == "DELETE":
+                obj = self.objects.pop(key, None)
+                if obj is None:
+                    return self._send(h, 404, self._status(404, "NotFound", name))
+                self._event(plural, "DELETED", obj)
+                return self._send(h, 200, self._status(200, "Success", name))
+            if method == "POST" and name is None:
+                name = body["metadata"]["name"]
+                if (plural, ns, name) in self.objects:
+                    return self._send(h, 409, self._status(409, "AlreadyExists", name))
+                return self._send(h, 201, self._write(plural, ns, name, body, apply=True, status_only=False))
+            if method in ("PATCH", "PUT"):
+                apply = "apply-patch" in ctype or method == "PUT"
+                if "apply-patch" in ctype and not query.get("fieldManager"):
+                    return self._send(h, 400, self._status(400, "BadRequest", "fieldManager is required"))
+                try:
+                    obj = self._write(plural, ns, name, body, apply=apply, status_only=sub == "status")
+                except KeyError:
+                    return self._send(h, 404, self._status(404, "NotFound", name))
+                return self._send(h, 200, obj)
+        return self._send(h, 405, self._status(405, "MethodNotAllowed", method))
+
+    def _watch(self, h: BaseHTTPRequestHandler, plural: str, ns: str, query: dict) -> None:
+        """Stream events as JSON lines: ADDED for what exists, then changes, until timeoutSeconds."""
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 3600)
+        sel, fsel = query.get("labelSelector"), query.get("fieldSelector")
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        pending = [("ADDED", o) for (p, n, _), o in self.objects.items()
+                   if p == plural and n == ns and _matches(o, sel, fsel)]
+        seen = len(self.events)
+        try:
+            while True:
+                for kind, obj in pending:
+                    line = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+                    h.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+                h.wfile.flush()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.lock.wait(timeout=min(remaining, 0.5))
+                pending = [(kind, obj) for p, kind, obj in self.events[seen:]
+                           if p == plural and obj["metadata"]["namespace"] == ns and _matches(obj, sel, fsel)]
+                seen = len(self.events)
+            h.wfile.write(b"0\r\n\r\n")
+            h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> dict:
+        return {"apiVersion": "v1", "kind": "Status", "status": "Failure" if code >= 400 else "Success",
+                "reason": reason, "message": message, "code": code}
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
