@@ -22,8 +22,9 @@ from swiftci.errors import StageError, UsageError
 GITHUB_LIMIT = 65536
 TRUNCATE_AT = 60000
 STAGES = ("train", "evaluate", "quantize", "deploy")
-ICONS = {"ok": "✅", "passed": "✅", "failed": "❌", "error": "❌", "rolled_back": "❌", "running": "⏳",
-         "pending": "⏳", "skipped": "skipped", "dry_run": "✅"}
+ICONS = {"ok": "✅", "passed": "✅", "deployed": "✅", "unchanged": "✅", "served": "✅", "dry_run": "✅",
+         "rolled_back_by_request": "✅", "failed": "❌", "error": "❌", "rolled_back": "❌", "canary_aborted": "❌",
+         "running": "⏳", "pending": "⏳", "skipped": "skipped"}
 MAX_RATE_LIMIT_WAIT = 60
 
 
@@ -83,8 +84,13 @@ def _detail(stage: str, report: dict | None) -> str:
             parts.append(f"perplexity {m['perplexity_increase_pct']:+.2f}%")
         return " · ".join(parts) or (report.get("reason") or "")
     if stage == "deploy":
-        parts = [f"`{report['image_digest'][:19]}…`" if report.get("image_digest") else "",
-                 report.get("rollout", {}).get("result", "") if isinstance(report.get("rollout"), dict) else "",
+        rollout = report.get("rollout") if isinstance(report.get("rollout"), dict) else {}
+        smoke = report.get("smoke") or {}
+        parts = [f"image `{report['image_digest'][:19]}…`" if report.get("image_digest") else "",
+                 f"rollout: {rollout['result']}" if rollout.get("result") else "",
+                 f"canary {report['canary'].get('result')}" if report.get("canary") else "",
+                 (f"smoke {sum(r['passed'] for r in smoke['results'])}/{len(smoke['results'])}"
+                  if smoke.get("results") else ""),
                  report.get("reason") or ""]
         return " · ".join(p for p in parts if p)
     return ""
@@ -92,7 +98,7 @@ def _detail(stage: str, report: dict | None) -> str:
 
 def build_body(cfg: Config, *, final: bool) -> str:
     states = stage_states(cfg, final)
-    failed = [s for s, (state, _) in states.items() if state in ("failed", "error", "rolled_back")]
+    failed = [s for s, (state, _) in states.items() if state in ("failed", "error", "rolled_back", "canary_aborted")]
     pending = [s for s, (state, _) in states.items() if state in ("pending", "running")]
     verdict = "❌ failed" if failed else ("⏳ running" if pending else "✅ passed")
     lines = [marker(cfg), f"## swiftci · `{cfg.name}` · {verdict}", "",

@@ -98,10 +98,17 @@ def stage_outputs(cfg: Config, stage: str) -> dict[str, str]:
         model = (report.get("model") or {}).get("path")
         model_path = str(cfg.resolve(model)) if model and (cfg.resolve(model)).exists() else (model or "")
         passed = bool(report.get("passed"))
+    elif stage == "deploy":
+        passed = status in ("deployed", "unchanged", "served", "dry_run", "rolled_back_by_request")
     else:
         model_path = str(out_dir / report["model_dir"]) if report.get("model_dir") else ""
         passed = bool(report.get("passed", status in ("ok", "passed")))
-    return {
+    extra = {}
+    if stage == "deploy":
+        image = report.get("image") or {}
+        extra = {"image-digest": image.get("digest") or report.get("image_digest") or "",
+                 "image-ref": image.get("ref") or ""}
+    return {**extra,
         "status": status,
         "passed": "true" if passed else "false",
         "report-path": str(report_path),

@@ -213,5 +213,5 @@ def test_pipeline_declares_typed_inputs_secrets_and_least_privilege():
     assert "concurrency" in spec
     for job in spec["jobs"].values():
         assert "permissions" in job
-    assert list(spec["jobs"]) == ["train", "evaluate", "quantize", "comment"]
+    assert list(spec["jobs"]) == ["train", "evaluate", "quantize", "deploy", "comment"]
     assert spec["jobs"]["evaluate"]["needs"] == "train"
