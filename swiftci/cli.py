@@ -67,6 +67,21 @@ def _config_options(fn):
     return fn
 
 
+def _run_one(cfg, stage: str, *, show_report: bool = True, **options) -> dict:
+    """One stage with notifications; its markdown report is printed even when it fails."""
+    from swiftci import ghactions, pipeline
+
+    try:
+        with pipeline.notifications(cfg) as notifier:
+            report = pipeline.run_stage(cfg, stage, notifier, **options)
+            pipeline.stage_finished(cfg, stage, report, notifier)
+    finally:
+        md = ghactions.stage_summary(cfg, stage) if show_report else None
+        if md:
+            click.echo(md)
+    return report
+
+
 def _live_answer(cfg) -> str | None:
     """The first smoke answer of a deploy, as the demo's last line: the model speaking through the live endpoint."""
     from swiftci import reports
@@ -133,12 +148,8 @@ def schema() -> None:
 @_errors_to_exit_codes
 def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Fine-tune the base model (LoRA, QLoRA or full SFT)."""
-    from swiftci import pipeline
-
     cfg = _load(config_path, overrides)
-    with pipeline.notifications(cfg) as notifier:
-        report = pipeline.run_stage(cfg, "train", notifier, resume=resume)
-        pipeline.stage_finished(cfg, "train", report, notifier)
+    report = _run_one(cfg, "train", show_report=False, resume=resume)
     m = report["metrics"]
     click.echo(f"train: ok  run {report['run_id']}  loss {_num(m['train_loss_first'])} → "
                f"{_num(m['train_loss_last'])}  {m['steps']} steps  {_num(m['tokens_per_second'], 0)} tok/s  "
@@ -153,18 +164,8 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
 @_errors_to_exit_codes
 def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | None, baseline: str | None) -> None:
     """Score the model with lm-eval against the baseline and apply the quality gates (exit 1 when one fails)."""
-    from swiftci import evaluate as evaluate_stage
-    from swiftci import pipeline
-
     cfg = _load(config_path, overrides)
-    try:
-        with pipeline.notifications(cfg) as notifier:
-            report = pipeline.run_stage(cfg, "evaluate", notifier, model_dir=model_dir, baseline=baseline)
-            pipeline.stage_finished(cfg, "evaluate", report, notifier)
-    finally:
-        md = cfg.stage_dir("evaluate") / evaluate_stage.MARKDOWN
-        if md.is_file():
-            click.echo(md.read_text())
+    report = _run_one(cfg, "evaluate", model_dir=model_dir, baseline=baseline)
     click.echo(f"evaluate: {report['status']}  outputs: {cfg.stage_dir('evaluate')}")
 
 
@@ -175,18 +176,8 @@ def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 @_errors_to_exit_codes
 def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | None) -> None:
     """Quantize to GPTQ/AWQ (merging a LoRA adapter first) and gate on perplexity and the eval gates."""
-    from swiftci import pipeline
-    from swiftci import quantize as quantize_stage
-
     cfg = _load(config_path, overrides)
-    try:
-        with pipeline.notifications(cfg) as notifier:
-            report = pipeline.run_stage(cfg, "quantize", notifier, model_dir=model_dir)
-            pipeline.stage_finished(cfg, "quantize", report, notifier)
-    finally:
-        md = cfg.stage_dir("quantize") / quantize_stage.MARKDOWN
-        if md.is_file():
-            click.echo(md.read_text())
+    report = _run_one(cfg, "quantize", model_dir=model_dir)
     click.echo(f"quantize: {report['status']}  model: {cfg.stage_dir('quantize') / 'model'}")
 
 
@@ -201,19 +192,8 @@ def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 def deploy(config_path: str, overrides: tuple[str, ...], dry_run: bool, rollback: bool,
            image_ref: str | None) -> None:
     """Build the serving image and roll it out (smoke test, automatic rollback), or serve locally."""
-    from swiftci import deploy as deploy_stage
-    from swiftci import pipeline
-
     cfg = _load(config_path, overrides)
-    try:
-        with pipeline.notifications(cfg) as notifier:
-            report = pipeline.run_stage(cfg, "deploy", notifier, dry_run=dry_run, rollback=rollback,
-                                        image=image_ref)
-            pipeline.stage_finished(cfg, "deploy", report, notifier)
-    finally:
-        md = cfg.stage_dir("deploy") / deploy_stage.MARKDOWN
-        if md.is_file():
-            click.echo(md.read_text())
+    report = _run_one(cfg, "deploy", dry_run=dry_run, rollback=rollback, image=image_ref)
     click.echo(f"deploy: {report['status']}  outputs: {cfg.stage_dir('deploy')}")
 
 

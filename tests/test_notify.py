@@ -66,6 +66,7 @@ def notify_config(tiny_model, tmp_path, *, notify: dict, **sections) -> Path:
     cfg["owner"] = "@alice"
     cfg["notify"] = notify
     cfg.pop("quantize", None)
+    cfg.pop("deploy", None)
     return write_config(tmp_path / "swiftci.yaml", cfg)
 
 
