@@ -8,7 +8,6 @@ import json
 import os
 import re
 import sys
-import traceback
 from pathlib import Path
 
 import click
@@ -52,6 +51,8 @@ def _errors_to_exit_codes(fn):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except Exception:  # a bug in swiftci or a library: show it, but never as "gate failed" (1)
+            import traceback
+
             traceback.print_exc()
             click.echo("error: unexpected failure (above); please report it", err=True)
             sys.exit(EXIT_STAGE_FAILED)
