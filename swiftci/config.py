@@ -500,8 +500,9 @@ class DeployConfig(Section):
     )
     model: Literal["auto", "quantized", "merged"] = Field(
         default="auto",
-        description="What ships: `quantized` (the quantize stage's model), `merged` (the train stage's full or merged "
-        "model); `auto`: quantized when the quantize stage passed, else merged.",
+        description="What ships: `quantized` (the quantize stage's model, which must have passed its gates), "
+        "`merged` (the train stage's full or merged model); `auto`: quantized when the config has a quantize "
+        "section, else merged.",
     )
     context: str | None = Field(default=None, description="kubeconfig context, e.g. `prod`. Unset: the current one.")
     namespace: str = Field(default="default", description="Kubernetes namespace, e.g. `llm`.")
@@ -515,6 +516,10 @@ class DeployConfig(Section):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector, e.g. `{gpu: a100}`.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
     port: int = Field(default=8000, gt=0, le=65535, description="Port of the OpenAI-compatible API.")
+    shm_size: str = Field(
+        default="2Gi", description="Size of /dev/shm (engines use it between workers), e.g. `16Gi` for vLLM with "
+        "tensor parallelism."
+    )
     strategy: Literal["rolling", "canary"] = Field(
         default="rolling",
         description="`rolling`: replace pods, roll back on failure; `canary`: a `<name>-canary` Deployment behind "
@@ -550,10 +555,11 @@ class DeployConfig(Section):
             problems.append(f"name: {self.name!r} is not a Kubernetes name; use lowercase letters, digits and dashes")
         if self.strategy == "canary" and (self.canary.replicas is None) == (self.canary.percent is None):
             problems.append("canary: set exactly one of `canary.replicas` or `canary.percent` for strategy canary")
-        if self.engine == "transformers" and self.gpus == 0 and self.target == "kubernetes":
-            pass
-        elif self.engine in ("lmdeploy", "vllm") and self.gpus == 0 and self.target == "kubernetes":
+        if self.engine in ("lmdeploy", "vllm") and self.gpus == 0 and self.target == "kubernetes":
             problems.append(f"gpus: {self.engine} needs a GPU per pod; set `gpus: 1` or `engine: transformers`")
+        if self.canary.evaluate and not self.smoke.url:
+            problems.append("canary: `canary.evaluate` scores the gates through the canary's endpoint, so it needs "
+                            "`smoke.url` (an address that reaches the canary pods)")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -333,6 +333,50 @@ def test_the_same_digest_twice_changes_nothing(tiny_model, tmp_path, cluster, op
     assert len([r for r in cluster.requests if r[0] in ("PATCH", "PUT", "POST", "DELETE")]) == writes
 
 
+def test_an_api_error_in_the_middle_of_a_rollout_still_rolls_back(tiny_model, tmp_path, cluster, openai):
+    cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
+    assert ship(cfg, cluster, DIGEST_A).returncode == 0
+    cluster.fail("PATCH", "/services/bot")  # the Deployment with B is applied, then the API server answers 500
+    proc = ship(cfg, cluster, DIGEST_B)
+    assert proc.returncode == 3, proc.stderr
+    assert "500" in proc.stderr and "rolled back" in proc.stderr
+    assert deployed_image(cluster, "bot") == f"registry.example/bot@{DIGEST_A}", "B must not stay in service"
+    report = read_json(tmp_path / "out/deploy/deploy_report.json")
+    assert report["status"] == "rolled_back" and report["rollout"]["rollback"] == {
+        **report["rollout"]["rollback"], "to": DIGEST_A, "ok": True}
+    assert [e["status"] for e in history(cluster, "bot")] == ["good", "rolled_back"]
+
+
+def test_a_failed_first_deploy_is_taken_out_of_service(tiny_model, tmp_path, cluster, openai):
+    cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
+    cluster.controller_state.crashing.add(DIGEST_A)
+    proc = ship(cfg, cluster, DIGEST_A)
+    assert proc.returncode == 3 and "CrashLoopBackOff" in proc.stderr, proc.stderr
+    assert cluster.get("deployments", NS, "bot")["spec"]["replicas"] == 0
+    assert [e["status"] for e in history(cluster, "bot")] == ["rolled_back"]
+
+
+def test_a_deployment_changed_by_hand_is_restored_even_without_history(tiny_model, tmp_path, cluster, openai):
+    cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
+    assert ship(cfg, cluster, DIGEST_A).returncode == 0
+    dep = cluster.get("deployments", NS, "bot")
+    dep["metadata"]["annotations"].pop("swiftci.dev/history")  # e.g. someone re-applied it with kubectl
+    cluster.put("deployments", dep)
+    openai.broken = True
+    assert ship(cfg, cluster, DIGEST_B).returncode == 1
+    assert deployed_image(cluster, "bot") == f"registry.example/bot@{DIGEST_A}"
+
+
+def test_the_same_digest_with_a_new_spec_is_applied(tiny_model, tmp_path, cluster, openai):
+    cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
+    assert ship(cfg, cluster, DIGEST_A).returncode == 0
+    more = prebuilt_config(tiny_model, tmp_path, "registry.example", openai, replicas=3)
+    proc = ship(more, cluster, DIGEST_A)
+    assert proc.returncode == 0, proc.stderr
+    assert read_json(tmp_path / "out/deploy/deploy_report.json")["status"] == "deployed"
+    assert cluster.get("deployments", NS, "bot")["spec"]["replicas"] == 3
+
+
 def test_canary_is_promoted(tiny_model, tmp_path, cluster, openai):
     cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
     assert ship(cfg, cluster, DIGEST_A).returncode == 0
@@ -366,6 +410,20 @@ def test_canary_is_aborted_and_stable_untouched(tiny_model, tmp_path, cluster, o
     assert [e["status"] for e in history(cluster, "bot")] == ["good", "canary_aborted"]
 
 
+def test_a_canary_that_never_becomes_ready_is_removed(tiny_model, tmp_path, cluster, openai):
+    cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
+    assert ship(cfg, cluster, DIGEST_A).returncode == 0
+    generation = cluster.get("deployments", NS, "bot")["metadata"]["generation"]
+    cluster.controller_state.crashing.add(DIGEST_B)
+    canary_cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai, strategy="canary",
+                                 canary={"replicas": 1})
+    proc = ship(canary_cfg, cluster, DIGEST_B)
+    assert proc.returncode == 3 and "canary rollout failed" in proc.stderr, proc.stderr
+    assert cluster.get("deployments", NS, "bot-canary") is None
+    assert cluster.get("deployments", NS, "bot")["metadata"]["generation"] == generation
+    assert [e["status"] for e in history(cluster, "bot")] == ["good", "canary_aborted"]
+
+
 @pytest.mark.parametrize("only_ship,code,result", [(False, 0, "promoted"), (True, 1, "aborted")])
 def test_canary_scored_with_the_evaluate_gates_through_its_endpoint(tiny_model, tmp_path, cluster, openai, only_ship,
                                                                      code, result):
@@ -396,6 +454,19 @@ def test_rollback_on_request_returns_to_the_last_good_revision(tiny_model, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert deployed_image(cluster, "bot") == f"registry.example/bot@{DIGEST_A}"
     assert [(e["status"], e["digest"]) for e in history(cluster, "bot")][-1] == ("good", DIGEST_A)
+
+
+def test_a_second_rollback_keeps_going_back(tiny_model, tmp_path, cluster, openai):
+    cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
+    digest_c = "sha256:" + "c" * 64
+    for digest in (DIGEST_A, DIGEST_B, digest_c):
+        assert ship(cfg, cluster, digest).returncode == 0
+    for expected in (DIGEST_B, DIGEST_A):
+        proc = swiftci("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
+        assert proc.returncode == 0, proc.stderr
+        assert deployed_image(cluster, "bot") == f"registry.example/bot@{expected}"
+    proc = swiftci("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
+    assert proc.returncode == 2 and "no good revision before the current one" in proc.stderr
 
 
 def test_manifests_validate_strictly_and_bad_ones_stop_before_the_cluster(tiny_model, tmp_path, cluster, openai):
@@ -459,6 +530,8 @@ def test_dry_run_writes_the_dockerfile_and_touches_no_registry(trained, tiny_mod
     ({"strategy": "canary"}, "deploy.canary: set exactly one of `canary.replicas` or `canary.percent`"),
     ({"engine": "vllm", "gpus": 0}, "deploy.gpus: vllm needs a GPU per pod"),
     ({"image": None}, "deploy.image: required for target kubernetes"),
+    ({"strategy": "canary", "canary": {"replicas": 1, "evaluate": True}, "smoke": {"url": None}},
+     "deploy.canary: `canary.evaluate` scores the gates through the canary's endpoint, so it needs `smoke.url`"),
 ])
 def test_deploy_config_errors(tiny_model, tmp_path, openai, section, message):
     cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai, **section)

@@ -50,6 +50,11 @@ def run(cfg: Config, *, dry_run: bool = False, rollback: bool = False, image: st
     try:
         if rollback:
             _rollback(cfg, dc, out, report)
+        elif dc.target == "local" and dry_run:
+            model_dir, kind = model_to_ship(cfg, dc, lineage)
+            report.update(status="dry_run", model={"path": _rel(cfg, model_dir), "kind": kind},
+                          plan=[f"serve {_rel(cfg, model_dir)} with transformers serve on {dc.local.host}",
+                                f"send {len(dc.smoke.prompts)} smoke prompt(s) through the OpenAI API, then stop"])
         elif dc.target == "local":
             _local(cfg, dc, out, report)
         else:
@@ -159,8 +164,7 @@ def _kubernetes(cfg: Config, dc: DeployConfig, out: Path, report: dict, lineage:
         labels = _labels(cfg, dc, name, lineage, git_sha, quantization)
         text = imagelib.dockerfile(dc.engine, dc.engine_image, name, dc.port, labels,
                                    imagelib.weight_files(model_dir), quantization)
-        ctx = out / "context"
-        imagelib.build_context(model_dir, ctx, text)
+        imagelib.build_context(model_dir, out / "context", text)
         reports.write_text(out / "Dockerfile", text)
         report["model"] = {"path": _rel(cfg, model_dir), "kind": kind, "quantization": quantization}
         repository = dc.image
@@ -202,24 +206,28 @@ def _kubernetes(cfg: Config, dc: DeployConfig, out: Path, report: dict, lineage:
     current = cluster.get("Deployment", dc.namespace, name)
     history = _history(current)
     report["history"] = history
-    if current is not None and _digest_of(current) == digest and history and history[-1]["status"] == "good":
+    wanted = kube.deployment(dc, name, release, history)
+    if (current is not None and _digest_of(current) == digest
+            and _annotation(current, kube.SPEC_HASH) == wanted["metadata"]["annotations"][kube.SPEC_HASH]):
         report.update(status="unchanged", rollout={"result": "unchanged",
-                                                    "reason": f"{digest[:19]}… already runs; nothing applied"})
+                                                    "reason": f"{digest[:19]}… already runs with this spec; "
+                                                              "nothing applied"})
         return report
     if dc.strategy == "canary":
-        return _canary(cfg, cluster, dc, name, release, history, report, out)
-    return _rolling(cluster, dc, name, release, history, report)
+        return _canary(cfg, cluster, dc, name, release, history, report, out, current)
+    return _rolling(cluster, dc, name, release, history, report, current=current)
 
 
 def _labels(cfg: Config, dc: DeployConfig, name: str, lineage: dict, git_sha: str | None,
             quantization: str | None) -> dict[str, str]:
     repo = lineage["git"].get("repository")
+    base_model = cfg.model.id if cfg.model_local_path is None else Path(cfg.model.id).name  # never a local path
     labels = {
         "org.opencontainers.image.title": name,
         "org.opencontainers.image.base.name": dc.engine_image,
-        "org.opencontainers.image.description": f"{cfg.model.id} fine-tuned by swiftci, served by {dc.engine}",
+        "org.opencontainers.image.description": f"{base_model} fine-tuned by swiftci, served by {dc.engine}",
         "dev.swiftci.run-id": lineage["run_id"] or "",
-        "dev.swiftci.base-model": cfg.model.id if cfg.model_local_path is None else Path(cfg.model.id).name,
+        "dev.swiftci.base-model": base_model,
         "dev.swiftci.base-revision": lineage["base_revision"] or "",
         "dev.swiftci.eval-verdict": lineage["eval_verdict"] or "not evaluated",
         "dev.swiftci.quantization": quantization or "none",
@@ -243,8 +251,12 @@ def _history(deployment: dict | None) -> list[dict]:
     return value if isinstance(value, list) else []
 
 
+def _annotation(deployment: dict, key: str) -> str | None:
+    return ((deployment.get("metadata") or {}).get("annotations") or {}).get(key)
+
+
 def _digest_of(deployment: dict) -> str | None:
-    return ((deployment.get("metadata") or {}).get("annotations") or {}).get(kube.DIGEST)
+    return _annotation(deployment, kube.DIGEST)
 
 
 def _previous_good(history: list[dict], not_digest: str) -> kube.Release | None:
@@ -256,20 +268,21 @@ def _previous_good(history: list[dict], not_digest: str) -> kube.Release | None:
 
 
 def _apply_stable(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release,
-                  history: list[dict]) -> tuple[bool, str, float]:
+                  history: list[dict], *, replicas: int | None = None) -> tuple[bool, str, float]:
     t0 = time.monotonic()
-    manifests = kube.stable_manifests(dc, name, release, history)
+    manifests = kube.stable_manifests(dc, name, release, history, replicas=replicas)
     kube.validate(manifests, dc.kubernetes_version)
     applied = [cluster.apply(m) for m in manifests]
     generation = applied[0].get("metadata", {}).get("generation") or 1
-    ok, reason = cluster.wait_rollout(dc.namespace, name, generation, dc.replicas, release.revision,
+    want = dc.replicas if replicas is None else replicas
+    ok, reason = cluster.wait_rollout(dc.namespace, name, generation, want, release.revision,
                                       dc.timeouts.rollout_seconds)
     return ok, reason, time.monotonic() - t0
 
 
-def _record(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, history: list[dict]) -> None:
-    """Write the outcome into the Deployment's history annotation (an annotation change starts no rollout)."""
-    cluster.apply(kube.deployment(dc, name, release, history))
+def _record(cluster: kube.Cluster, dc: DeployConfig, name: str, history: list[dict]) -> None:
+    """Write the outcome into the Deployment's history annotation only (a merge patch: no spec is touched)."""
+    cluster.annotate("Deployment", dc.namespace, name, {kube.HISTORY: kube.history_json(history)})
 
 
 def _smoke(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, track: str) -> dict:
@@ -289,91 +302,124 @@ def _smoke(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Rel
         return smoke.run(base_url, served, dc.smoke, dc.timeouts.smoke_seconds)
 
 
+def _smoke_failure(result: dict) -> str:
+    failed = "; ".join(f"{r['prompt']!r}: {r['reason']}" for r in result.get("results") or [] if not r["passed"])
+    return "smoke test failed: " + " ".join(p for p in (failed, result.get("reason") or "") if p)
+
+
+def _release_of(deployment: dict) -> kube.Release:
+    """What a live Deployment runs, from its pod template and annotations."""
+    annotations = (deployment.get("metadata") or {}).get("annotations") or {}
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    digest = annotations.get(kube.DIGEST) or (image.split("@", 1)[1] if "@" in image else image)
+    return kube.Release(image=image, digest=digest, run_id=annotations.get(kube.RUN_ID) or None,
+                        eval_verdict=annotations.get(kube.VERDICT) or None)
+
+
 def _rolling(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, history: list[dict],
-             report: dict) -> dict:
+             report: dict, *, current: dict | None, smoke_test: bool = True) -> dict:
+    """Apply, watch, smoke-test; on ANY failure on the way — rollout, crash loop, smoke test, an API or network
+    error — return to what served before and raise with the reason."""
     previous = _previous_good(history, release.digest)
+    if previous is None and current is not None and _digest_of(current) != release.digest:
+        previous = _release_of(current)  # it served before but its history has no good entry: restore it anyway
     report["previous_digest"] = previous.digest if previous else None
-    pending = history + [kube.history_entry(release, "deploying")]
-    ok, reason, seconds = _apply_stable(cluster, dc, name, release, pending)
-    rollout = {"result": "rolled out" if ok else "failed", "reason": reason, "seconds": round(seconds, 2),
-               "revision": release.revision}
+    rollout = {"result": "failed", "reason": "", "revision": release.revision}
     report["rollout"] = rollout
-    smoke_result = None
-    if ok:
-        smoke_result = _smoke(cluster, dc, name, release, "stable")
-        report["smoke"] = smoke_result
-    if ok and smoke_result["passed"]:
+    why, gate = None, False
+    try:
+        ok, reason, seconds = _apply_stable(cluster, dc, name, release, history + [
+            kube.history_entry(release, "deploying")])
+        rollout.update(result="rolled out" if ok else "failed", reason=reason, seconds=round(seconds, 2))
+        if not ok:
+            why = reason
+        elif smoke_test:
+            result = _smoke(cluster, dc, name, release, "stable")
+            report["smoke"] = result
+            if not result["passed"]:
+                why, gate = _smoke_failure(result), True
+    except Exception as e:  # noqa: BLE001 - whatever broke, the new revision must not stay in service
+        why = str(e) if isinstance(e, (StageError, UsageError, GateFailed)) else f"{type(e).__name__}: {e}"
+    if why is None:
         final = history + [kube.history_entry(release, "good")]
-        _record(cluster, dc, name, release, final)
+        _record(cluster, dc, name, final)
         report.update(status="deployed", history=final)
         return report
 
-    why = reason if not ok else "smoke test failed: " + "; ".join(
-        f"{r['prompt']!r}: {r['reason']}" for r in smoke_result["results"] if not r["passed"]) + (
-        f" {smoke_result.get('reason')}" if smoke_result.get("reason") else "")
     failed = history + [kube.history_entry(release, "rolled_back", reason=why[:300])]
     report.update(status="rolled_back", history=failed)
-    if previous is not None:
-        back_ok, back_reason, back_s = _apply_stable(cluster, dc, name, previous, failed)
-        rollout["rollback"] = {"to": previous.digest, "run_id": previous.run_id, "ok": back_ok,
-                               "reason": back_reason, "seconds": round(back_s, 2)}
-        if not back_ok:
-            report["status"] = "failed"
-            raise StageError(f"{why}; the rollback to {previous.revision} did not finish either: {back_reason}")
-    else:  # a first deploy that fails has nothing to return to: take it out of service
-        scaled = kube.deployment(dc, name, release, failed, replicas=0)
-        cluster.apply(scaled)
-        rollout["rollback"] = {"to": None, "ok": True, "reason": "no earlier revision: scaled to 0 replicas"}
-    if not ok:
-        raise StageError(f"rollout failed and was rolled back: {why}")
-    raise GateFailed(f"{why}; rolled back")
+    try:
+        if previous is not None:
+            back_ok, back_reason, back_s = _apply_stable(cluster, dc, name, previous, failed)
+            rollout["rollback"] = {"to": previous.digest, "run_id": previous.run_id, "ok": back_ok,
+                                   "reason": back_reason, "seconds": round(back_s, 2)}
+        else:  # nothing served before this deploy: take the broken revision out of service
+            cluster.apply(kube.deployment(dc, name, release, failed, replicas=0))
+            back_ok, back_reason = True, "no earlier revision: scaled to 0 replicas"
+            rollout["rollback"] = {"to": None, "ok": True, "reason": back_reason}
+    except Exception as e:  # noqa: BLE001
+        back_ok, back_reason = False, f"{type(e).__name__}: {e}"
+        rollout["rollback"] = {"to": previous.digest if previous else None, "ok": False, "reason": back_reason}
+    if not back_ok:
+        report["status"] = "failed"
+        raise StageError(f"{why}; the rollback did not finish either: {back_reason}")
+    if gate:
+        raise GateFailed(f"{why}; rolled back")
+    raise StageError(f"rollout failed and was rolled back: {why}")
 
 
 def _canary(cfg: Config, cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release,
-            history: list[dict], report: dict, out: Path) -> dict:
+            history: list[dict], report: dict, out: Path, current: dict | None) -> dict:
+    """`<name>-canary` beside the stable pods, behind the same Service; promoted when it passes, and removed in
+    every case once the decision is made (also when anything fails on the way)."""
     replicas = kube.canary_replicas(dc)
     canary = kube.deployment(dc, name, release, history, track="canary", replicas=replicas)
     kube.validate([canary], dc.kubernetes_version)
+    report["canary"] = {"replicas": replicas, "stable_replicas": dc.replicas, "result": "pending"}
     cluster.apply(kube.service(dc, name))
-    applied = cluster.apply(canary)
-    ok, reason = cluster.wait_rollout(dc.namespace, f"{name}-canary", applied["metadata"].get("generation") or 1,
-                                      replicas, release.revision, dc.timeouts.rollout_seconds)
-    report["canary"] = {"replicas": replicas, "stable_replicas": dc.replicas, "rollout": reason, "ok": ok}
-    smoke_result = _smoke(cluster, dc, name, release, "canary") if ok else None
-    report["smoke"] = smoke_result
-    scored = None
-    if ok and smoke_result["passed"] and dc.canary.evaluate:
-        if not dc.smoke.url:
-            raise UsageError("deploy.canary.evaluate: scoring through the canary needs `deploy.smoke.url` "
-                             "(an endpoint that reaches the canary pods)")
-        scored = _score_canary(cfg, dc, name, out, dc.smoke.url)
-        report["canary"]["evaluate"] = {"passed": scored["passed"], "gates": scored["gates"]}
-    passed = ok and smoke_result["passed"] and (scored is None or scored["passed"])
-    cluster.delete("Deployment", dc.namespace, f"{name}-canary") if not passed else None
-    if not passed:
-        why = reason if not ok else ("smoke test failed" if not smoke_result["passed"] else "canary eval gates failed")
-        aborted = history + [kube.history_entry(release, "canary_aborted", reason=why)]
-        current = cluster.get("Deployment", dc.namespace, name)
-        if current is not None:  # record the abort on the stable Deployment, whose pods stay untouched
-            _record_annotation(cluster, dc, name, current, aborted)
-        report.update(status="canary_aborted", history=aborted)
-        report["canary"]["result"] = "aborted"
-        if not ok:
-            raise StageError(f"canary rollout failed and was removed: {why}")
-        raise GateFailed(f"canary {why}; the canary was removed and the stable pods were never touched")
-    report["canary"]["result"] = "promoted"
-    promoted = _rolling(cluster, dc, name, release, history, report)
-    cluster.delete("Deployment", dc.namespace, f"{name}-canary")
-    promoted["status"] = "deployed"
-    return promoted
-
-
-def _record_annotation(cluster: kube.Cluster, dc: DeployConfig, name: str, current: dict, history: list[dict]) -> None:
-    annotations = (current.get("metadata") or {}).get("annotations") or {}
-    release = kube.Release(image=current["spec"]["template"]["spec"]["containers"][0]["image"],
-                           digest=annotations.get(kube.DIGEST, ""), run_id=annotations.get(kube.RUN_ID) or None,
-                           eval_verdict=annotations.get(kube.VERDICT) or None)
-    _record(cluster, dc, name, release, history)
+    try:
+        why, gate = None, False
+        try:
+            applied = cluster.apply(canary)
+            ok, reason = cluster.wait_rollout(dc.namespace, f"{name}-canary",
+                                              applied["metadata"].get("generation") or 1, replicas,
+                                              release.revision, dc.timeouts.rollout_seconds)
+            report["canary"].update(rollout=reason, ok=ok)
+            if not ok:
+                why = f"canary rollout failed: {reason}"
+            else:
+                result = _smoke(cluster, dc, name, release, "canary")
+                report["smoke"] = result
+                if not result["passed"]:
+                    why, gate = f"canary {_smoke_failure(result)}", True
+                elif dc.canary.evaluate:
+                    scored = _score_canary(cfg, dc, name, out, dc.smoke.url)
+                    report["canary"]["evaluate"] = {"passed": scored["passed"], "gates": scored["gates"]}
+                    if not scored["passed"]:
+                        why, gate = "canary eval gates failed: " + "; ".join(
+                            f"{g['metric']} {g['reason']}" for g in scored["gates"] if not g["passed"]), True
+        except Exception as e:  # noqa: BLE001 - the canary is removed below whatever happened
+            why = str(e) if isinstance(e, (StageError, UsageError, GateFailed)) else f"{type(e).__name__}: {e}"
+        if why is not None:
+            aborted = history + [kube.history_entry(release, "canary_aborted", reason=why[:300])]
+            if current is not None:  # recorded on the stable Deployment, whose spec and pods stay untouched
+                _record(cluster, dc, name, aborted)
+            report.update(status="canary_aborted", history=aborted)
+            report["canary"]["result"] = "aborted"
+            if gate:
+                raise GateFailed(f"{why}; the canary was removed and the stable pods were never touched")
+            raise StageError(f"{why}; the canary was removed and the stable pods were never touched")
+        report["canary"]["result"] = "promoting"
+        # the canary already answered the smoke prompts with this very image: the stable rollout is watched
+        # (and rolled back on failure) without sending them again through an endpoint that may be the canary's
+        _rolling(cluster, dc, name, release, history, report, current=current, smoke_test=False)
+        report["canary"]["result"] = "promoted"
+        return report
+    finally:
+        try:
+            cluster.delete("Deployment", dc.namespace, f"{name}-canary")
+        except Exception as e:  # noqa: BLE001 - say so: a leftover canary keeps taking traffic
+            report["canary"]["cleanup"] = f"could not delete {name}-canary: {type(e).__name__}: {e}"
 
 
 def _score_canary(cfg: Config, dc: DeployConfig, name: str, out: Path, base_url: str) -> dict:
@@ -397,6 +443,8 @@ def _score_canary(cfg: Config, dc: DeployConfig, name: str, out: Path, base_url:
 
 
 def _rollback(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
+    """Return to the last good revision deployed BEFORE the current one was first deployed (so a second
+    --rollback keeps going back instead of returning to where the first one came from)."""
     if dc.target != "kubernetes":
         raise UsageError("--rollback: only target kubernetes keeps a deploy history")
     name = dc.name or cfg.name
@@ -405,10 +453,10 @@ def _rollback(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
     if current is None:
         raise UsageError(f"--rollback: there is no Deployment {dc.namespace}/{name} to roll back")
     history = _history(current)
-    target = _previous_good(history, _digest_of(current) or "")
     report.update(name=name, namespace=dc.namespace, strategy="rollback", history=history)
+    target = _before_current(history, _digest_of(current) or "")
     if target is None:
-        raise UsageError(f"--rollback: the history of {name} has no earlier good revision")
+        raise UsageError(f"--rollback: the history of {name} has no good revision before the current one")
     entries = history + [kube.history_entry(target, "deploying", rollback=True)]
     ok, reason, seconds = _apply_stable(cluster, dc, name, target, entries)
     report["rollout"] = {"result": "rolled back" if ok else "failed", "reason": reason, "seconds": round(seconds, 2),
@@ -417,9 +465,20 @@ def _rollback(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
     if not ok:
         raise StageError(f"rollback to {target.revision} did not finish: {reason}")
     final = history + [kube.history_entry(target, "good", rollback=True)]
-    _record(cluster, dc, name, target, final)
+    _record(cluster, dc, name, final)
     report.update(status="rolled_back_by_request", history=final)
     return report
+
+
+def _before_current(history: list[dict], current_digest: str) -> kube.Release | None:
+    first = next((i for i in range(len(history) - 1, -1, -1)
+                  if history[i].get("digest") == current_digest and history[i].get("status") == "good"
+                  and not history[i].get("rollback")), None)
+    if first is None:  # the current revision came in by a rollback only: go before its latest good entry
+        first = next((i for i in range(len(history) - 1, -1, -1)
+                      if history[i].get("digest") == current_digest and history[i].get("status") == "good"),
+                     len(history))
+    return _previous_good(history[:first], current_digest)
 
 
 # --- reports ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ the stable Deployment from `<name>-canary`, so a canary takes its share of traff
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ HISTORY = "swiftci.dev/history"
 DIGEST = "swiftci.dev/image-digest"
 RUN_ID = "swiftci.dev/run-id"
 VERDICT = "swiftci.dev/eval-verdict"
+SPEC_HASH = "swiftci.dev/spec-sha256"  # what re-deploying compares, beside the digest: a changed spec is a change
 HISTORY_KEEP = 20
 BAD_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
                "CreateContainerError", "InvalidImageName", "RunContainerError"}
@@ -60,8 +63,8 @@ def deployment(dc: DeployConfig, name: str, release: Release, history: list[dict
     probe = {"httpGet": {"path": engine.health, "port": "http"}}
     uid, gid = (int(x) for x in USER.split(":"))
     annotations = {DIGEST: release.digest, RUN_ID: release.run_id or "", VERDICT: release.eval_verdict or "",
-                   HISTORY: json.dumps(history[-HISTORY_KEEP:], separators=(",", ":"))}
-    return {
+                   HISTORY: history_json(history)}
+    manifest = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": deploy_name, "namespace": dc.namespace, "labels": labels, "annotations": annotations},
@@ -95,11 +98,18 @@ def deployment(dc: DeployConfig, name: str, release: Release, history: list[dict
                         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
                     }],
                     "volumes": [{"name": "tmp", "emptyDir": {}},
-                                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+                                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": dc.shm_size}}],
                 },
             },
         },
     }
+    spec = json.dumps(manifest["spec"], sort_keys=True).encode()
+    annotations[SPEC_HASH] = hashlib.sha256(spec).hexdigest()
+    return manifest
+
+
+def history_json(history: list[dict]) -> str:
+    return json.dumps(history[-HISTORY_KEEP:], separators=(",", ":"))
 
 
 def service(dc: DeployConfig, name: str) -> dict:
@@ -123,8 +133,9 @@ def pod_disruption_budget(dc: DeployConfig, name: str) -> dict:
     }
 
 
-def stable_manifests(dc: DeployConfig, name: str, release: Release, history: list[dict]) -> list[dict]:
-    out = [deployment(dc, name, release, history), service(dc, name)]
+def stable_manifests(dc: DeployConfig, name: str, release: Release, history: list[dict],
+                     replicas: int | None = None) -> list[dict]:
+    out = [deployment(dc, name, release, history, replicas=replicas), service(dc, name)]
     if dc.replicas > 1:
         out.append(pod_disruption_budget(dc, name))
     return out
@@ -180,12 +191,17 @@ class Cluster:
                 from None
         try:
             config.load_kube_config(context=context)
-        except Exception as kube_error:  # noqa: BLE001 - fall back to the pod's service account, else explain
+        except Exception as kube_error:  # noqa: BLE001
+            # the pod's own service account only when nothing else was asked for: a requested context or
+            # kubeconfig that fails to load must never silently deploy into the runner's own cluster
+            if context or os.environ.get("KUBECONFIG"):
+                raise UsageError(f"deploy.context: cannot load the kubeconfig"
+                                 f"{f' context {context!r}' if context else ''} ({kube_error})") from None
             try:
                 config.load_incluster_config()
             except Exception:  # noqa: BLE001
-                raise UsageError(f"deploy.context: cannot load a kubeconfig{f' context {context!r}' if context else ''}"
-                                 f" ({kube_error}); set KUBECONFIG or run inside the cluster") from None
+                raise UsageError(f"deploy.context: no kubeconfig ({kube_error}) and not inside a cluster; set "
+                                 "KUBECONFIG or give the deploy action a `kubeconfig`") from None
         self.client = client
         self.api = client.ApiClient()
         self.apps = client.AppsV1Api(self.api)
@@ -224,6 +240,13 @@ class Cluster:
         if result is None:
             raise StageError(f"server-side apply of {obj['kind']}/{name} was refused (404)")
         return result
+
+    def annotate(self, kind: str, ns: str, name: str, annotations: dict[str, str]) -> None:
+        """Set annotations with a JSON merge patch: nothing else of the object changes."""
+        path = PATHS[kind].format(ns=ns) + f"/{name}"
+        if self._raw("PATCH", path, body={"metadata": {"annotations": annotations}},
+                     content_type="application/merge-patch+json") is None:
+            raise StageError(f"{kind}/{name} disappeared before its history could be recorded")
 
     def get(self, kind: str, ns: str, name: str) -> dict | None:
         return self._raw("GET", PATHS[kind].format(ns=ns) + f"/{name}")
@@ -300,11 +323,11 @@ class Cluster:
 
 def _rollout_verdict(dep: dict, generation: int, replicas: int) -> tuple[bool, str] | None:
     status = dep.get("status") or {}
+    if (status.get("observedGeneration") or 0) < generation:
+        return None  # the controller has not seen this spec yet: older conditions are about the old one
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
             return False, f"rollout stopped progressing: {cond.get('reason')}: {cond.get('message', '')}"[:300]
-    if (status.get("observedGeneration") or 0) < generation:
-        return None
     if ((status.get("updatedReplicas") or 0) >= replicas and (status.get("availableReplicas") or 0) >= replicas
             and (status.get("replicas") or 0) <= replicas):
         return True, "all replicas updated and available"

@@ -4,7 +4,7 @@ A threaded HTTP server speaking the part of the API that `swiftci deploy` and th
 namespaced Deployments, Services, PodDisruptionBudgets and Pods; GET, list (labelSelector, fieldSelector on
 metadata.name), watch (?watch=true with timeoutSeconds), server-side apply (PATCH application/apply-patch+yaml,
 which creates missing objects), merge PATCH, PATCH on /status, DELETE; uid, resourceVersion and generation
-bookkeeping (generation moves only when the spec changes).
+bookkeeping (generation moves only when the spec changes); `fail()` injects error answers.
 
 It runs no controllers: a test passes `controller`, a function called after every Deployment write, to play the
 Deployment controller and the kubelet (set .status, create pods with container states).
@@ -75,6 +75,9 @@ class FakeKubeAPI:
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.events: list[tuple[str, str, dict]] = []  # (plural, type, object)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, content type)
+        # injected failures: a request whose method and path match answers `code` instead, `times` times
+        # (an overloaded or restarting API server, an admission webhook that times out)
+        self.faults: list[dict] = []
         self.controller = controller
         self.lock = threading.Condition()
         self._rv = itertools.count(1000)
@@ -118,6 +121,11 @@ class FakeKubeAPI:
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
             "users": [{"name": "fake", "user": {"token": "fake-token"}}]}))
         return str(path)
+
+    def fail(self, method: str, path: str, *, code: int = 500, times: int = 1) -> None:
+        """Answer the next `times` requests of `method` whose path contains `path` with `code`."""
+        with self.lock:
+            self.faults.append({"method": method, "path": path, "code": code, "times": times})
 
     # Test-side helpers (they go through the same bookkeeping and watch events as API calls) -----------------
 
@@ -190,6 +198,13 @@ class FakeKubeAPI:
         raw = h.rfile.read(length) if length else b""
         ctype = h.headers.get("Content-Type", "")
         self.requests.append((method, url.path, ctype))
+        with self.lock:
+            fault = next((f for f in self.faults if f["method"] == method and f["path"] in url.path
+                          and f["times"] > 0), None)
+            if fault is not None:
+                fault["times"] -= 1
+        if fault is not None:
+            return self._send(h, fault["code"], self._status(fault["code"], "InternalError", "injected fault"))
         if url.path in ("/version", "/version/"):
             return self._send(h, 200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0-fake"})
         m = PATH.match(url.path)
