@@ -18,13 +18,15 @@ from pathlib import Path
 from swiftci import ghactions, reports, runinfo
 from swiftci.config import Config
 from swiftci.errors import StageError, UsageError
+from swiftci.notify import Redactor
 
 GITHUB_LIMIT = 65536
 TRUNCATE_AT = 60000
 STAGES = ("train", "evaluate", "quantize", "deploy")
 ICONS = {"ok": "✅", "passed": "✅", "deployed": "✅", "unchanged": "✅", "served": "✅", "dry_run": "✅",
          "rolled_back_by_request": "✅", "failed": "❌", "error": "❌", "rolled_back": "❌", "canary_aborted": "❌",
-         "running": "⏳", "pending": "⏳", "skipped": "skipped"}
+         "running": "⏳", "pending": "⏳", "skipped": "skipped", "missing": "⚠️ no report"}
+FAILED = ("failed", "error", "rolled_back", "canary_aborted")
 MAX_RATE_LIMIT_WAIT = 60
 
 
@@ -45,19 +47,36 @@ def marker(cfg: Config) -> str:
 
 
 def stage_states(cfg: Config, final: bool) -> dict[str, tuple[str, dict | None]]:
-    """stage -> (state, report). Configured stages without a report are pending, or skipped once the run is over."""
-    states = {}
+    """stage -> (state, report). A configured stage without a report of THIS run (its run id is the train stage's)
+    is pending while the run goes on; once it is over, `missing` — except deploy, which pull requests never run."""
+    states: dict[str, tuple[str, dict | None]] = {}
+    run_id = None
     for stage in STAGES:
-        report_name = ghactions.STAGE_REPORTS[stage][0]
-        path = cfg.stage_dir(stage) / report_name
+        path = cfg.stage_dir(stage) / ghactions.STAGE_REPORTS[stage][0]
+        report = reports.read_json(path) if getattr(cfg, stage, None) is not None and path.is_file() else None
+        if stage == "train" and report is not None:
+            run_id = report.get("run_id")
+        elif report is not None and run_id and report.get("run_id") not in (None, run_id):
+            report = None  # left over from an earlier run in the same folder: not this run's result
         if getattr(cfg, stage, None) is None:
             states[stage] = ("skipped", None)
-        elif path.is_file():
-            report = reports.read_json(path)
+        elif report is not None:
             states[stage] = (report.get("status", "error"), report)
+        elif not final:
+            states[stage] = ("pending", None)
+        elif stage == "deploy" or any(state in FAILED for state, _ in states.values()):
+            states[stage] = ("skipped", None)  # not run: an earlier stage failed, or a pull request
         else:
-            states[stage] = ("skipped" if final else "pending", None)
+            states[stage] = ("missing", None)
     return states
+
+
+def _cell(text: str, redact: Redactor, limit: int = 240) -> str:
+    """Text from a report made safe for one table cell: no secrets or local paths, no line breaks, no column
+    separators, no markup that renders (an error message can quote anything, also a pull request's own data)."""
+    text = " ".join(str(redact(text)).split())
+    text = text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _detail(stage: str, report: dict | None) -> str:
@@ -66,7 +85,7 @@ def _detail(stage: str, report: dict | None) -> str:
     m = report.get("metrics") or {}
     if stage == "train":
         if report.get("status") != "ok":
-            return (report.get("error") or {}).get("reason", "")
+            return str((report.get("error") or {}).get("reason", ""))
         first, last = m.get("train_loss_first"), m.get("train_loss_last")
         loss = f"loss {first:.4g} → {last:.4g}" if first is not None and last is not None else ""
         tps = f"{m['tokens_per_second']:,.0f} tok/s" if m.get("tokens_per_second") else ""
@@ -82,7 +101,7 @@ def _detail(stage: str, report: dict | None) -> str:
             parts.append(f"size ×{m['size_ratio']:.2f}")
         if m.get("perplexity_increase_pct") is not None:
             parts.append(f"perplexity {m['perplexity_increase_pct']:+.2f}%")
-        return " · ".join(parts) or (report.get("reason") or "")
+        return " · ".join(parts) or str(report.get("reason") or "")
     if stage == "deploy":
         rollout = report.get("rollout") if isinstance(report.get("rollout"), dict) else {}
         smoke = report.get("smoke") or {}
@@ -91,20 +110,23 @@ def _detail(stage: str, report: dict | None) -> str:
                  f"canary {report['canary'].get('result')}" if report.get("canary") else "",
                  (f"smoke {sum(r['passed'] for r in smoke['results'])}/{len(smoke['results'])}"
                   if smoke.get("results") else ""),
-                 report.get("reason") or ""]
+                 str(report.get("reason") or "")]
         return " · ".join(p for p in parts if p)
     return ""
 
 
 def build_body(cfg: Config, *, final: bool) -> str:
     states = stage_states(cfg, final)
-    failed = [s for s, (state, _) in states.items() if state in ("failed", "error", "rolled_back", "canary_aborted")]
+    failed = [s for s, (state, _) in states.items() if state in FAILED]
     pending = [s for s, (state, _) in states.items() if state in ("pending", "running")]
-    verdict = "❌ failed" if failed else ("⏳ running" if pending else "✅ passed")
+    missing = [s for s, (state, _) in states.items() if state == "missing"]
+    verdict = ("❌ failed" if failed else "⏳ running" if pending
+               else f"⚠️ incomplete: no {', '.join(missing)} report" if missing else "✅ passed")
+    redact = Redactor(list(cfg.env_values))
     lines = [marker(cfg), f"## swiftci · `{cfg.name}` · {verdict}", "",
              "| stage | status | details |", "|---|:-:|---|"]
     for stage, (state, report) in states.items():
-        lines.append(f"| {stage} | {ICONS.get(state, state)} | {_detail(stage, report)} |")
+        lines.append(f"| {stage} | {ICONS.get(state, state)} | {_cell(_detail(stage, report), redact)} |")
     for stage in ("evaluate", "quantize", "deploy"):
         summary = ghactions.stage_summary(cfg, stage)
         if summary and states[stage][1] is not None:
@@ -189,12 +211,13 @@ def post(body: str, *, repo: str, pr: int, token: str, api_url: str, mark: str) 
     session = _session(token)
     base = api_url.rstrip("/")
     try:
-        mine = []
+        marked = []
         url = f"{base}/repos/{repo}/issues/{pr}/comments?per_page=100"
         while url:
             resp = _call(session, "GET", url)
-            mine += [c for c in resp.json() if mark in (c.get("body") or "")]
+            marked += [c for c in resp.json() if mark in (c.get("body") or "")]
             url = resp.links.get("next", {}).get("url")
+        mine = _ours(session, base, marked)
         if mine:
             keep = min(mine, key=lambda c: c["id"])
             resp = _call(session, "PATCH", f"{base}/repos/{repo}/issues/comments/{keep['id']}", json={"body": body})
@@ -207,6 +230,20 @@ def post(body: str, *, repo: str, pr: int, token: str, api_url: str, mark: str) 
     except _Forbidden as e:
         return Posted("skipped", warning=f"GitHub refused the comment (403: {e}); a fork's pull request gets a "
                                          "read-only token — the report is in the job summary")
+
+
+def _ours(session, base: str, marked: list[dict]) -> list[dict]:
+    """The marked comments this token wrote. Anyone can paste the marker (quoting our comment does): a person's
+    comment is never edited or deleted. GITHUB_TOKEN and app tokens post as bots; a personal token posts as its
+    user, whose login `GET /user` tells (an app token gets a 403 there)."""
+    bots = [c for c in marked if (c.get("user") or {}).get("type") == "Bot"]
+    if bots or not marked:
+        return bots
+    try:
+        login = _call(session, "GET", f"{base}/user").json().get("login")
+    except _Forbidden:
+        return []
+    return [c for c in marked if login and (c.get("user") or {}).get("login") == login]
 
 
 def pull_request_number() -> int | None:

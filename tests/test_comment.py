@@ -7,12 +7,15 @@ import json
 import time
 
 import pytest
+import yaml
 
 from conftest import TINY, read_json, swiftci_in_process, tiny_config, write_config
 from fakes.github_api import FakeGitHub
 from swiftci import comment
 
 TOKEN = "ghs_fake_token_for_tests_0123456789"
+BOT = {"login": "github-actions[bot]", "type": "Bot"}
+RUN_ID = "support-bot-sft-20261123-1a2b3c4"  # the golden eval report's run
 
 
 @pytest.fixture
@@ -22,7 +25,7 @@ def project(tiny_model, tmp_path):
     (tmp_path / "out/train").mkdir(parents=True)
     (tmp_path / "out/evaluate").mkdir(parents=True)
     (tmp_path / "out/train/train_report.json").write_text(json.dumps({
-        "version": 1, "stage": "train", "status": "ok", "run_id": "tiny-reverse-sft-20261123-abc1234",
+        "version": 1, "stage": "train", "status": "ok", "run_id": RUN_ID,
         "metrics": {"train_loss_first": 6.2, "train_loss_last": 0.35, "steps": 375, "tokens_per_second": 21000}}))
     (tmp_path / "out/train/loss.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 6.0 / (1 + s / 25)}) + "\n" for s in range(1, 376, 25)))
@@ -77,7 +80,53 @@ def test_pending_stages_while_the_run_is_in_progress(project, github, tmp_path):
     run_comment(project, "--in-progress")
     assert "| evaluate | ⏳ |  |" in github.for_pr(7)[0]["body"]
     run_comment(project)
-    assert "| evaluate | skipped |  |" in github.for_pr(7)[0]["body"]
+    body = github.for_pr(7)[0]["body"]
+    assert "| evaluate | ⚠️ no report |  |" in body, "a configured stage that left no report is not a pass"
+    assert "· ⚠️ incomplete: no evaluate, quantize report" in body.splitlines()[1]
+
+
+def test_a_report_from_an_earlier_run_is_not_this_runs_result(project, github, tmp_path):
+    report = read_json(tmp_path / "out/evaluate/eval_report.json")
+    report.update(run_id="support-bot-sft-20261101-0000000", status="passed")
+    (tmp_path / "out/evaluate/eval_report.json").write_text(json.dumps(report))
+    run_comment(project)
+    body = github.for_pr(7)[0]["body"]
+    assert "| evaluate | ⚠️ no report |" in body and "✅ passed" not in body
+
+
+def test_report_text_is_made_safe_for_the_table(project, github, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN_FOR_TEST", "s3cr3t-value-from-env")
+    cfg = read_json(tmp_path / "out/train/train_report.json")
+    cfg.update(status="failed", error={"reason": "OOM loading /home/runner/work/data/private.jsonl\n| x | "
+                                                 "<img src=x> token s3cr3t-value-from-env"})
+    (tmp_path / "out/train/train_report.json").write_text(json.dumps(cfg))
+    doc = yaml.safe_load(project.read_text())
+    doc["owner"] = "${HF_TOKEN_FOR_TEST}"  # any value that came from the environment is a secret
+    write_config(project, doc)
+    run_comment(project)
+    (row,) = [line for line in github.for_pr(7)[0]["body"].splitlines() if line.startswith("| train |")]
+    assert row == "| train | ❌ | OOM loading private.jsonl \\| x \\| &lt;img src=x&gt; token ••• |", row
+
+
+def test_a_persons_comment_with_the_marker_is_never_touched(project, github):
+    github.next_id += 1
+    quoted = comment.marker(_cfg(project)) + "\n> the bot says it failed, why?"
+    github.comments[github.next_id] = {"id": github.next_id, "pr": 7, "repo": "acme/model-repo", "body": quoted,
+                                       "user": {"login": "alice", "type": "User"}}
+    assert run_comment(project).returncode == 0
+    assert run_comment(project).returncode == 0
+    people, bots = ([c for c in github.for_pr(7) if c["user"]["type"] == kind] for kind in ("User", "Bot"))
+    assert [c["body"] for c in people] == [quoted] and len(bots) == 1
+
+
+def test_with_a_personal_token_its_own_comment_is_edited(project, github):
+    github.identity = {"login": "release-bot-user", "type": "User"}
+    assert "comment: created" in run_comment(project).stdout
+    github.next_id += 1
+    github.comments[github.next_id] = {"id": github.next_id, "pr": 7, "repo": "acme/model-repo",
+                                       "body": comment.marker(_cfg(project)), "user": {"login": "bob", "type": "User"}}
+    assert "comment: updated" in run_comment(project).stdout
+    assert [c["user"]["login"] for c in github.for_pr(7)] == ["release-bot-user", "bob"]
 
 
 def test_5xx_is_retried(project, github):
@@ -121,7 +170,7 @@ def test_duplicates_from_a_retried_create_are_healed(project, github):
     for _ in range(2):
         github.next_id += 1
         github.comments[github.next_id] = {"id": github.next_id, "pr": 7, "repo": "acme/model-repo",
-                                           "body": comment.marker(_cfg(project)) + "\nold"}
+                                           "body": comment.marker(_cfg(project)) + "\nold", "user": BOT}
     github.page_size = 1  # and the list is paginated
     run_comment(project)
     (only,) = github.for_pr(7)

@@ -2,6 +2,8 @@
 
 A real localhost HTTP server (pytest-httpserver) that keeps comments in memory, checks the bearer token, paginates
 like GitHub (Link header), and can be told to fail the next requests (5xx, 403, rate limits) to test retries.
+Comments carry their author (`user`: login and type); the token posts as `identity` — by default the Actions bot,
+whose `GET /user` is refused with 403 as GitHub does for installation tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class FakeGitHub:
     fail_next: list[tuple[int, dict]] = field(default_factory=list)  # (status, headers) served before real answers
     page_size: int = 30
     next_id: int = 1000
+    identity: dict = field(default_factory=lambda: {"login": "github-actions[bot]", "type": "Bot"})
 
     def install(self, httpserver) -> str:
         httpserver.expect_request(re.compile(".*")).respond_with_handler(self.handle)
@@ -40,6 +43,10 @@ class FakeGitHub:
                             content_type="application/json")
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._json({"message": "Bad credentials"}, 401)
+        if request.path == "/user":
+            if self.identity["type"] == "Bot":
+                return self._json({"message": "Resource not accessible by integration"}, 403)
+            return self._json(self.identity, 200)
         if m := LIST.match(request.path):
             pr = int(m["pr"])
             if request.method == "GET":
@@ -54,7 +61,8 @@ class FakeGitHub:
                 return self._json([self._public(c) for c in chunk], 200, headers)
             if request.method == "POST":
                 self.next_id += 1
-                c = {"id": self.next_id, "pr": pr, "body": request.get_json()["body"], "repo": m["repo"]}
+                c = {"id": self.next_id, "pr": pr, "body": request.get_json()["body"], "repo": m["repo"],
+                     "user": dict(self.identity)}
                 self.comments[c["id"]] = c
                 return self._json(self._public(c), 201)
         if m := ONE.match(request.path):
@@ -71,7 +79,7 @@ class FakeGitHub:
 
     @staticmethod
     def _public(c: dict) -> dict:
-        return {"id": c["id"], "body": c["body"],
+        return {"id": c["id"], "body": c["body"], "user": c.get("user", {"login": "someone", "type": "User"}),
                 "html_url": f"https://github.example/{c['repo']}/pull/{c['pr']}#issuecomment-{c['id']}"}
 
     @staticmethod
