@@ -152,7 +152,10 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
     (stored,) = store.glob("acme/model-repo/*/train/train_report.json")  # a re-run of one commit replaces it
     assert (stored.parent / "adapter").is_dir() and not list(store.rglob("checkpoints")), "the model went via the store"
     assert (stored.parent.parent / "evaluate/eval_report.json").is_file()
-    assert (stored.parent.parent / "quantize/model/config.json").is_file()
+    assert not (stored.parent.parent / "quantize").exists(), "the re-run without quantize left no old quantize output"
+    artifacts = [p.name for p in (tmp_path / "run1/artifacts").iterdir()]
+    for stage in ("train", "evaluate"):  # the reports reach the comment job as artifacts, also with a model store
+        assert any(a.startswith(f"swiftci-reports-{stage}-") for a in artifacts), artifacts
 
 
 # --- static checks ----------------------------------------------------------------------------------------------
