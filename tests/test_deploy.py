@@ -567,6 +567,22 @@ def test_local_smoke_failure_is_exit_1(trained, tiny_model, tmp_path):
     assert proc.returncode == 1 and "smoke test failed" in proc.stderr
 
 
+@pytest.mark.parametrize("eval_report,code,message", [
+    (None, 3, "there is no eval report for this model; run `swiftci evaluate` first"),
+    ({"passed": True, "status": "passed", "run_id": "tiny-reverse-sft-20260101-0000000"}, 3,
+     "there is no eval report for this model"),  # an earlier run's report says nothing about this model
+    ({"passed": False, "status": "failed", "run_id": None}, 1, "refuses a model whose evaluation did not pass"),
+])
+def test_deploy_fails_closed_on_the_eval_report(trained, tiny_model, tmp_path, eval_report, code, message):
+    cfg = clone_trained(trained, tmp_path, tiny_model, quantize=None, deploy={
+        "target": "local", "engine": "transformers", "model": "merged"})
+    if eval_report is not None:
+        (tmp_path / "out/evaluate").mkdir(parents=True)
+        (tmp_path / "out/evaluate/eval_report.json").write_text(json.dumps({"version": 1, **eval_report}))
+    proc = swiftci("deploy", "-c", str(cfg), "--dry-run")
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+
+
 @pytest.mark.skipif(not os.environ.get("SWIFTCI_TEST_KUBE_CONTEXT"),
                     reason="opt-in: set SWIFTCI_TEST_KUBE_CONTEXT to a real cluster's kubeconfig context")
 def test_real_cluster(trained, tiny_model, tmp_path):
@@ -585,3 +601,20 @@ def test_real_cluster(trained, tiny_model, tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     again = swiftci("deploy", "-c", str(cfg))
     assert again.returncode == 0 and read_json(tmp_path / "out/deploy/deploy_report.json")["status"] == "unchanged"
+
+
+def test_a_port_forward_that_cannot_open_is_reported_and_closed(cluster, monkeypatch):
+    """The smoke test's port-forward (used when `smoke.url` is unset) through the real client when the API server
+    refuses the stream (the fake serves no pods/portforward, as an RBAC refusal would): the connection is closed,
+    the reason recorded, nothing hangs."""
+    from swiftci.deploy import kube
+    from swiftci.deploy.portforward import forward
+
+    monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig_path)
+    with forward(kube.Cluster(None), NS, "bot-abc", 8000) as fw:
+        host, port = fw.url.removeprefix("http://").removesuffix("/v1").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.settimeout(10)
+            assert conn.recv(1) == b"", "the refused connection is closed, not left hanging"
+        assert fw.errors and f"port-forward to {NS}/bot-abc:8000" in fw.errors[0], fw.errors
+    assert any(p.endswith("/pods/bot-abc/portforward") for _, p, _ in cluster.requests)

@@ -83,17 +83,23 @@ def _lineage(cfg: Config) -> dict:
 
     train, ev, quant = (read("train", "train_report.json"), read("evaluate", "eval_report.json"),
                         read("quantize", "quantize_report.json"))
+    run_id = train.get("run_id")
+    # a report from an earlier run left in the same folder says nothing about this model
+    ev, quant = ({} if r and run_id and r.get("run_id") not in (None, run_id) else r for r in (ev, quant))
     verdict = None
     if ev:
         verdict = "passed" if ev.get("passed") else "failed"
     base = read("train", "run.json").get("base_model") or {}
-    return {"run_id": train.get("run_id"), "eval_verdict": verdict, "eval": ev, "quantize": quant,
+    return {"run_id": run_id, "eval_verdict": verdict, "eval": ev, "quantize": quant,
             "train": train, "git": runinfo.git_commit(cfg.resolve(".")),
             "base_revision": base.get("revision_resolved") or base.get("sha256") or cfg.model.revision}
 
 
 def model_to_ship(cfg: Config, dc: DeployConfig, lineage: dict) -> tuple[Path, str]:
     """(model folder, kind). Fails closed: a model whose evaluation or quantization gate failed never ships."""
+    if cfg.evaluate is not None and not lineage["eval"]:
+        raise StageError("deploy: the config has an evaluate section but there is no eval report for this model; "
+                         "run `swiftci evaluate` first (deploy never ships an unevaluated model)")
     if cfg.evaluate is not None and lineage["eval"].get("passed") is not True:
         state = lineage["eval"].get("status", "missing")
         raise GateFailed(f"deploy refuses a model whose evaluation did not pass (eval report: {state}); "
@@ -102,6 +108,9 @@ def model_to_ship(cfg: Config, dc: DeployConfig, lineage: dict) -> tuple[Path, s
     quantized = cfg.stage_dir("quantize") / "model"
     want_quantized = dc.model == "quantized" or (dc.model == "auto" and cfg.quantize is not None)
     if want_quantized:
+        if not quant:
+            raise StageError("deploy.model: there is no quantize report; run `swiftci quantize` first, or ship "
+                             "`model: merged`")
         if quant.get("passed") is not True or not (quantized / "config.json").is_file():
             raise GateFailed(f"deploy.model: the quantized model has not passed its gates (quantize report: "
                              f"{quant.get('status', 'missing')}); run `swiftci quantize`, or ship "
@@ -297,9 +306,17 @@ def _smoke(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Rel
             if (p.get("status") or {}).get("phase") == "Running"]
     if not pods:
         return {"passed": False, "results": [], "reason": "no running pod of the new revision to smoke-test"}
-    with forward(cluster, dc.namespace, pods[0]["metadata"]["name"], dc.port) as base_url:
-        smoke.wait_healthy(base_url, dc.timeouts.smoke_seconds)
-        return smoke.run(base_url, served, dc.smoke, dc.timeouts.smoke_seconds)
+    with forward(cluster, dc.namespace, pods[0]["metadata"]["name"], dc.port) as fw:
+        try:
+            smoke.wait_healthy(fw.url, dc.timeouts.smoke_seconds)
+            result = smoke.run(fw.url, served, dc.smoke, dc.timeouts.smoke_seconds)
+        except Exception as e:  # noqa: BLE001 - the port-forward's own failure is the likelier cause: name it
+            if not fw.errors:
+                raise
+            raise StageError(f"smoke test could not reach the pod: {e}; {fw.errors[-1]}") from None
+        if not result["passed"] and fw.errors:
+            result["reason"] = " ".join(p for p in (result.get("reason") or "", fw.errors[-1]) if p)
+        return result
 
 
 def _smoke_failure(result: dict) -> str:
