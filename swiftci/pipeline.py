@@ -35,6 +35,16 @@ def _run_id(cfg: Config) -> str | None:
     return reports.read_json(path).get("run_id") if path.is_file() else None
 
 
+def _clear_reports(cfg: Config, stages: list[str]) -> None:
+    """A run starts without the reports of an earlier one: a stage that stops early must not leave its last
+    run's verdict standing for the comment or for deploy. Models and checkpoints stay (resume needs them)."""
+    from swiftci.ghactions import STAGE_REPORTS
+
+    for stage in stages:
+        for name in STAGE_REPORTS[stage]:
+            (cfg.stage_dir(stage) / name).unlink(missing_ok=True)
+
+
 def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> dict:
     """Run one stage; on failure, notify (what failed, why, the fix) and re-raise its error."""
     try:
@@ -74,6 +84,7 @@ def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print
     stages = configured_stages(cfg)
     if not stages:
         raise UsageError(f"{cfg.source}: no stage configured; add a `train` section")
+    _clear_reports(cfg, stages)
     done: dict[str, dict] = {}
     with notifications(cfg) as notifier:
         for stage in stages:

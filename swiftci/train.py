@@ -117,7 +117,6 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
         raise StageError(f"training failed: {type(e).__name__}: {e}") from e
     finally:
         stall.stop()
-        plot_loss(out, run_id)
     return report
 
 
@@ -128,7 +127,7 @@ def _stall_reason(cfg: Config) -> str:
 def _fail(out: Path, run_id: str, started: float, reason: str, kind: str, **extra: Any) -> None:
     report = reports.new_report(STAGE, "failed", run_id=run_id, error={"kind": kind, "reason": reason, **extra},
                                 metrics={"wall_seconds": round(time.monotonic() - started, 2)})
-    if (out / "loss.png").is_file() or reports.read_jsonl(out / "loss.jsonl"):
+    if plot_loss(out, run_id) is not None:
         report["loss_plot"] = "loss.png"
     reports.write_json(out / REPORT, report)
     reports.write_text(out / MARKDOWN, render_markdown(report, reports.read_jsonl(out / "loss.jsonl")))
@@ -136,12 +135,18 @@ def _fail(out: Path, run_id: str, started: float, reason: str, kind: str, **extr
 
 def _quarantine(ckpt_dir: Path, last_good_step: int) -> list[str]:
     """Checkpoints written after the last finite logged step may hold broken weights: rename them so `--resume`
-    never picks them; the last good checkpoint stays where it is."""
+    never picks them; the last good checkpoint stays where it is. An earlier divergence may have left a folder of
+    the same name: the new one gets a numbered name, nothing is overwritten."""
     moved = []
     for p in sorted(ckpt_dir.glob("checkpoint-*")):
         if int(p.name.split("-")[1]) > last_good_step:
-            p.rename(p.with_name(f"diverged-{p.name}"))
-            moved.append(p.name)
+            target = p.with_name(f"diverged-{p.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = p.with_name(f"diverged-{p.name}.{n}")
+            p.rename(target)
+            moved.append(target.name)
     return moved
 
 
@@ -425,7 +430,8 @@ def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path 
     report = reports.new_report(STAGE, "ok", run_id=run_id, method=tc.method, tuner=tc.tuner,
                                 base_model=cfg.model.id, metrics=metrics, outputs=outputs,
                                 loss_log="loss.jsonl", lineage="run.json")
-    report["loss_plot"] = "loss.png"
+    if plot_loss(out, run_id) is not None:
+        report["loss_plot"] = "loss.png"
     reports.write_json(out / REPORT, report)
     reports.write_text(out / MARKDOWN, render_markdown(report, progress.records))
     return report
@@ -589,7 +595,16 @@ def _memory() -> str:
 
 
 def plot_loss(out: Path, title: str) -> Path | None:
-    """loss.png beside loss.jsonl (headless matplotlib); None when there is nothing to plot."""
+    """loss.png beside loss.jsonl (headless matplotlib); None when there is nothing to plot or plotting fails —
+    a chart is never worth a failed run or a lost report."""
+    try:
+        return _plot_loss(out, title)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not draw the loss curve ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def _plot_loss(out: Path, title: str) -> Path | None:
     records = [r for r in reports.read_jsonl(out / "loss.jsonl") if isinstance(r.get("loss"), (int, float))]
     if len(records) < 2:
         return None

@@ -148,9 +148,14 @@ def test_strict_example_run_stops_with_exit_1(tiny_model, tmp_path):
     cfg["data"] = {k: str(TINY / v) if k != "format" else v for k, v in cfg["data"].items()}
     cfg["evaluate"]["task_dir"] = str(TINY / "tasks")
     cfg["output_dir"] = str(tmp_path / "out")
+    cfg["quantize"] = {"method": "gptq"}  # never reached: evaluate stops the run
     path = write_config(tmp_path / "swiftci.yaml", cfg)
+    stale = tmp_path / "out/quantize/quantize_report.json"  # an earlier run's verdict in the same folder
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"version": 1, "stage": "quantize", "status": "passed", "passed": True}))
     proc = swiftci("run", "-c", str(path))
     assert proc.returncode == 1, proc.stderr
+    assert not stale.exists(), "a run starts without the reports of an earlier one"
     assert "==> evaluate failed" in proc.stderr
     report, md = outputs(path)
     failed = [g for g in report["gates"] if not g["passed"]]

@@ -150,3 +150,26 @@ def test_bad_data_row_is_a_usage_error(tiny_model, tmp_path):
     assert proc.returncode == 2
     assert "bad.jsonl:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
     assert read_json(tmp_path / "out/train/train_report.json")["status"] == "failed"
+
+
+def test_a_second_divergence_never_overwrites_the_first_ones_quarantine(tmp_path):
+    from swiftci.train import _quarantine
+
+    for name in ("checkpoint-10", "checkpoint-20", "diverged-checkpoint-20"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "marker").write_text(name)
+    assert _quarantine(tmp_path, last_good_step=15) == ["diverged-checkpoint-20.2"]
+    assert (tmp_path / "diverged-checkpoint-20/marker").read_text() == "diverged-checkpoint-20"
+    assert (tmp_path / "diverged-checkpoint-20.2/marker").read_text() == "checkpoint-20"
+    assert (tmp_path / "checkpoint-10").is_dir(), "the last good checkpoint stays for --resume"
+
+
+def test_a_loss_plot_that_cannot_be_drawn_costs_only_a_warning(tmp_path, monkeypatch, capsys):
+    from swiftci import train
+
+    (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    monkeypatch.setattr(train, "_plot_loss", lambda out, title: (_ for _ in ()).throw(OSError("disk full")))
+    assert train.plot_loss(tmp_path, "run") is None
+    assert "could not draw the loss curve (OSError: disk full)" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert train.plot_loss(tmp_path, "run") == tmp_path / "loss.png"
