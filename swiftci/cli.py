@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -166,6 +165,8 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
 def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | None, baseline: str | None) -> None:
     """Score the model with lm-eval against the baseline and apply the quality gates (exit 1 when one fails)."""
     cfg = _load(config_path, overrides)
+    if baseline not in (None, "base", "none"):
+        baseline = str(Path(baseline).resolve())  # a path on the command line is relative to where it was typed
     report = _run_one(cfg, "evaluate", model_dir=model_dir, baseline=baseline)
     click.echo(f"evaluate: {report['status']}  outputs: {cfg.stage_dir('evaluate')}")
 

@@ -56,15 +56,24 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
     ev = cfg.evaluate
     if ev is None:
         raise UsageError(f"{cfg.source}: no `evaluate` section; add one with `tasks:` (see examples/tiny/swiftci.yaml)")
+    field = "--baseline" if baseline is not None else "evaluate.baseline"
     baseline = baseline if baseline is not None else ev.baseline
-    if baseline not in ("base", "none") and not cfg.resolve(baseline).is_file():
-        raise UsageError(f"--baseline: {baseline} is not `base`, `none` or an existing eval_report.json")
+    if baseline not in ("base", "none"):
+        _check_baseline_report(cfg.resolve(baseline), field)
+    drops = [f"evaluate.gates[{i}]" for i, g in enumerate(ev.gates) if g.max_drop is not None]
+    if drops and baseline == "none":
+        raise UsageError(f"{field}: {', '.join(drops)} set max_drop, which needs a baseline, but the baseline is "
+                         "`none`; give `base` or an earlier eval_report.json, or gate with `min`")
     if endpoint is not None:
         candidate = Candidate(endpoint[0], "endpoint", None, _train_run_id(cfg), label_model=endpoint[1])
         if baseline == "base":
             baseline = "none"  # no weights to disable an adapter on; compare with an eval report instead
     else:
         candidate = _candidate(cfg, model_dir)
+    if drops and baseline == "base" and candidate.kind == "base":
+        raise UsageError(f"{field}: {', '.join(drops)} set max_drop against `base`, but the model evaluated here IS "
+                         "the base model (no train section, no --model), so it would be compared with itself; give "
+                         "an earlier eval_report.json as the baseline, or gate with `min`")
     out = out_dir or cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -143,6 +152,20 @@ def _label(cfg: Config, path: Path) -> str:
         return str(path.relative_to(cfg.resolve(".").resolve()))
     except ValueError:
         return path.name
+
+
+def _check_baseline_report(path: Path, field: str) -> None:
+    """An earlier eval_report.json given as the baseline is read before any model loads: a wrong file must not
+    cost an evaluation first and then fail every max_drop gate."""
+    if not path.is_file():
+        raise UsageError(f"{field}: {path} is not `base`, `none` or an existing eval_report.json")
+    try:
+        report = reports.read_json(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{field}: {path} is not readable JSON ({e})") from None
+    if not isinstance(report, dict) or report.get("stage") != "evaluate" or not isinstance(report.get("metrics"), dict):
+        raise UsageError(f"{field}: {path} is not a swiftci eval_report.json (no evaluate stage metrics); give the "
+                         "eval_report.json of an earlier `swiftci evaluate`")
 
 
 def _baseline_kind(baseline: str) -> str:

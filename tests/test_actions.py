@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, tiny_config, write_config
+from conftest import ROOT, tiny_config, write_config
 from fakes.github_api import FakeGitHub
 
 BIN = Path(sys.executable).parent

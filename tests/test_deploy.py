@@ -17,7 +17,7 @@ import pytest
 import yaml
 from werkzeug import Request, Response
 
-from conftest import ROOT, clone_trained, read_json, swiftci, tiny_config, write_config
+from conftest import clone_trained, read_json, swiftci, tiny_config, write_config
 from fakes.kube_api import FakeKubeAPI
 
 pytestmark = pytest.mark.slow

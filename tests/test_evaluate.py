@@ -130,6 +130,29 @@ def test_max_drop_without_baseline_is_a_config_error(tiny_model, tmp_path):
     assert proc.returncode == 2 and "evaluate.gates[1].max_drop: needs a baseline" in proc.stderr
 
 
+def test_a_baseline_given_on_the_command_line_is_checked_before_any_model_loads(tiny_model, tmp_path):
+    """--baseline is relative to where it was typed (not to swiftci.yaml), and a file that is not an eval report
+    stops the command with exit 2 before anything is evaluated or written."""
+    cfg = write_config(tmp_path / "project/swiftci.yaml", tiny_config(tiny_model, tmp_path / "project/out"))
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here/train_report.json").write_text(json.dumps({"version": 1, "stage": "train", "metrics": {}}))
+    proc = swiftci("evaluate", "-c", str(cfg), "--baseline", "train_report.json", cwd=tmp_path / "here")
+    assert proc.returncode == 2, proc.stderr
+    assert f"--baseline: {tmp_path / 'here/train_report.json'} is not a swiftci eval_report.json" in proc.stderr
+    assert not (tmp_path / "project/out/evaluate").exists(), "nothing was evaluated or written"
+    proc = swiftci("evaluate", "-c", str(cfg), "--baseline", "none")
+    assert proc.returncode == 2 and "--baseline: evaluate.gates[1] set max_drop, which needs a baseline" in proc.stderr
+
+
+def test_max_drop_against_the_base_model_without_training_is_refused(tiny_model, tmp_path):
+    doc = tiny_config(tiny_model, tmp_path / "out")
+    doc.pop("train")
+    cfg = write_config(tmp_path / "swiftci.yaml", doc)
+    proc = evaluate(cfg)
+    assert proc.returncode == 2, proc.stderr
+    assert "evaluate.baseline: evaluate.gates[1] set max_drop" in proc.stderr and "IS the base model" in proc.stderr
+
+
 def test_evaluate_refuses_a_failed_training(tiny_model, tmp_path):
     out = tmp_path / "out" / "train"
     out.mkdir(parents=True)
