@@ -394,9 +394,13 @@ class SlackConfig(Section):
 
     @model_validator(mode="after")
     def _one_way(self) -> SlackConfig:
-        if bool(self.webhook) == bool(self.token):
+        # "" is a `${VAR}` whose secret is not set here (a fork's pull request gets none): it turns Slack off for the
+        # run rather than failing it, so only missing or doubled ways are errors
+        if (self.webhook is None and self.token is None) or (self.webhook and self.token):
             raise ValueError("webhook: set exactly one of `webhook` (incoming webhook) or `token` (bot token)")
-        if self.token and not self.channel:
+        # checked even when the token is empty here, so that a run without secrets still catches a missing channel
+        uses_token = bool(self.token) or (self.token is not None and self.webhook is None)
+        if uses_token and not self.channel:
             raise ValueError("channel: a bot `token` needs a `channel` to post in, e.g. `C0123ABCD`")
         return self
 

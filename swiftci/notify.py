@@ -9,6 +9,12 @@ with urllib3's `Retry` (5xx, 429 with Retry-After), short timeouts, and a circui
 failed, its later messages are dropped with a single warning. `close()` waits a bounded time, so a notifier that is
 down costs the run a few seconds at most and never fails it.
 
+A channel whose `${VAR}` secret expands to nothing (GitHub gives a fork's pull request no secrets) is off for the run,
+with one warning when the notifier is created.
+
+The Slack bot's message is kept in `notify_state.json` under the train stage's folder, keyed by the run id of
+`train_report.json`: later stages and resumed runs update it, a new run in the same folder posts its own.
+
 Redaction: secret values (everything that came from `${VAR}` in swiftci.yaml, tokens, webhook URLs) never appear in
 a payload; absolute paths are cut to their file names; token-like strings are masked.
 """
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import reports, runinfo
-from swiftci.config import Config
+from swiftci.config import Config, NotifyConfig
 
 CLOSE_BUDGET_SECONDS = 3.0
 TIMEOUT = (2.0, 3.0)  # connect, read
@@ -151,12 +157,43 @@ class _Down(Exception):
     pass
 
 
-class Notifier:
-    """Sends run events to the configured channels from a background thread; every method returns at once."""
+def _channels(nc: NotifyConfig | None) -> tuple[list[str], dict[str, list[str]]]:
+    """The channels that can post, and for each configured channel that cannot, its empty secrets' dotted paths."""
+    usable: list[str] = []
+    off: dict[str, list[str]] = {}
+    if nc is None:
+        return usable, off
+    if nc.slack is not None:
+        if nc.slack.webhook or nc.slack.token:
+            usable.append("slack")
+        else:
+            off["slack"] = [f"notify.slack.{k}" for k in ("webhook", "token") if getattr(nc.slack, k) is not None]
+    if nc.discord is not None:
+        if nc.discord.webhook:
+            usable.append("discord")
+        else:
+            off["discord"] = ["notify.discord.webhook"]
+    return usable, off
 
-    def __init__(self, cfg: Config, state_path: Path | None = None):
+
+def _off_warning(channel: str, paths: list[str]) -> str:
+    name = {"slack": "Slack", "discord": "Discord"}[channel]
+    if len(paths) == 1:
+        which = f"{paths[0]} is empty (its secret is not set here"
+    else:
+        which = f"{' and '.join(paths)} are empty (their secrets are not set here"
+    return f"{which}, e.g. a fork's pull request): {name} notifications are off for this run"
+
+
+class Notifier:
+    """Sends run events to the configured channels from a background thread; every method returns at once.
+
+    `enabled=False` makes a notifier that sends nothing and says nothing (see `null_notifier`)."""
+
+    def __init__(self, cfg: Config, state_path: Path | None = None, *, enabled: bool = True):
         nc = cfg.notify
-        self.enabled = nc is not None and (nc.slack is not None or nc.discord is not None)
+        self.channels, off = _channels(nc) if enabled else ([], {})
+        self.enabled = bool(self.channels)
         self.cfg = cfg
         self.events = set(nc.events) if nc is not None else set()
         owner = [cfg.owner] if cfg.owner else []
@@ -176,6 +213,11 @@ class Notifier:
         self._thread: threading.Thread | None = None
         self._session = None
         self._lock = threading.Lock()
+        # the training callback and the stall watchdog emit from different threads: one worker, started once
+        self._worker_lock = threading.Lock()
+        self._slack_message: dict | None = None  # this notifier's own Slack bot message: {"run_id", "channel", "ts"}
+        for channel, paths in off.items():
+            self._warn(f"off:{channel}", _off_warning(channel, paths))
 
     # The events -------------------------------------------------------------------------------------------------
 
@@ -198,14 +240,17 @@ class Notifier:
 
     def close(self, budget: float = CLOSE_BUDGET_SECONDS) -> None:
         """Wait at most `budget` seconds for queued messages; whatever is left is dropped with a warning."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join(timeout=budget)
-        if self._thread.is_alive():
-            self._warn("timeout", f"notifications: gave up after {budget:.0f} s waiting for an endpoint "
-                                  "that does not answer; the run itself is unaffected")
-        self._thread = None
+        # held while joining: an emit racing with close waits (at most `budget`) instead of starting a second worker
+        # that could take the stop sentinel meant for this one
+        with self._worker_lock:
+            if self._thread is None:
+                return
+            self._queue.put(None)
+            self._thread.join(timeout=budget)
+            if self._thread.is_alive():
+                self._warn("timeout", f"notifications: gave up after {budget:.0f} s waiting for an endpoint "
+                                      "that does not answer; the run itself is unaffected")
+            self._thread = None
 
     # Plumbing -----------------------------------------------------------------------------------------------------
 
@@ -213,21 +258,20 @@ class Notifier:
         if not self.enabled or event not in self.events:
             return
         msg.event = msg.event or event
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="swiftci-notify", daemon=True)
-            self._thread.start()
-        self._queue.put(msg)
+        with self._worker_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name="swiftci-notify", daemon=True)
+                self._thread.start()
+            self._queue.put(msg)
 
     def _worker(self) -> None:
+        senders = {"slack": self._send_slack, "discord": self._send_discord}
         while True:
             msg = self._queue.get()
             if msg is None:
                 return
-            nc = self.cfg.notify
-            if nc.slack is not None:
-                self._deliver("slack", self._send_slack, msg)
-            if nc.discord is not None:
-                self._deliver("discord", self._send_discord, msg)
+            for channel in self.channels:
+                self._deliver(channel, senders[channel], msg)
 
     def _deliver(self, channel: str, send, msg: Message) -> None:
         if channel in self.down:
@@ -277,10 +321,12 @@ class Notifier:
             return
         api = slack.api_url.rstrip("/")
         headers = {"Authorization": f"Bearer {slack.token}"}
-        state = self._slack_state()
+        run_id = self._run_id()
+        state = self._slack_state(run_id)
         if state is None:  # the run's one message
             data = self._slack_call(f"{api}/chat.postMessage", headers, {"channel": slack.channel, **payload})
-            self._save_state({"channel": data["channel"], "ts": data["ts"]})
+            self._slack_message = {"run_id": run_id, "channel": data["channel"], "ts": data["ts"]}
+            self._save_state(self._slack_message)
             return
         main = {"channel": state["channel"], "ts": state["ts"], **payload}
         if msg.event == "progress":
@@ -298,20 +344,35 @@ class Notifier:
             raise _Down(f"Slack API error {data.get('error')!r}")
         return data
 
-    def _slack_state(self) -> dict | None:
+    def _run_id(self) -> str | None:
+        """The run id in the train stage's report: train writes it before the run's first message, a resume keeps it."""
         try:
-            return json.loads(self.state_path.read_text())
+            run_id = reports.read_json(self.cfg.stage_dir("train") / "train_report.json").get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return run_id if isinstance(run_id, str) and run_id else None
+
+    def _slack_state(self, run_id: str | None) -> dict | None:
+        """The Slack message of run `run_id`, or None when that run has none yet."""
+        if self._slack_message is not None and self._slack_message["run_id"] == run_id:
+            return self._slack_message
+        if run_id is None:  # nothing ties another process's message to this run
+            return None
+        try:
+            state = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return None
+        # an earlier run's message (another run id, or a state file from before run ids were kept) is not ours
+        if not isinstance(state, dict) or state.get("run_id") != run_id or not {"channel", "ts"} <= state.keys():
+            return None
+        return state
 
     def _save_state(self, state: dict) -> None:
         reports.write_json(self.state_path, state)
 
 
 def null_notifier(cfg: Config) -> Notifier:
-    n = Notifier(cfg)
-    n.enabled = False
-    return n
+    return Notifier(cfg, enabled=False)
 
 
 # --- messages from reports -----------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from werkzeug import Request, Response
 
 from conftest import TINY, read_json, swiftci, tiny_config, write_config
 from swiftci import config as configlib
-from swiftci.notify import Message, Notifier, Redactor, slack_payload
+from swiftci import reports
+from swiftci.errors import ConfigError
+from swiftci.notify import Message, Notifier, Redactor, null_notifier, slack_payload
 
 SLACK_TOKEN = "xoxb-000000000000-000000000000-SECRETsecretSECRET"
 HOOK_SECRET = "T0SECRETB0SECRETzz91hookpath"
@@ -316,3 +318,164 @@ def test_slack_webhook_payload_reads_well():
 ])
 def test_redaction(raw, clean):
     assert Redactor(["hunter2hunter2"])(raw) == clean
+
+
+# --- secrets that are not set here (a fork's pull request) ---------------------------------------------------------
+
+SLACK_OFF = ("warning: notify.slack.webhook is empty (its secret is not set here, e.g. a fork's pull request): "
+             "Slack notifications are off for this run")
+
+
+@pytest.fixture
+def load_notify(tiny_model, tmp_path, monkeypatch):
+    """Loads a config with the given `notify` section, the environment set as given."""
+    def load(notify: dict, **env: str) -> configlib.Config:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return configlib.load(notify_config(tiny_model, tmp_path, evaluate=None, notify=notify))
+
+    return load
+
+
+def test_an_empty_secret_turns_its_channel_off_with_one_warning(load_notify, httpserver, capsys):
+    rx = Receiver(httpserver)
+    cfg = load_notify({"slack": {"webhook": "${SLACK_HOOK}"}, "discord": {"webhook": "${DISCORD_HOOK}"}},
+                      SLACK_HOOK="", DISCORD_HOOK=f"{rx.url}/discord/{HOOK_SECRET}")
+    assert capsys.readouterr().err == "", "loading says nothing; the notifier does"
+    n = Notifier(cfg)
+    n.start(Message("start", "s"))
+    n.failure(Message("failure", "boom"))
+    n.close()
+    assert capsys.readouterr().err.splitlines() == [SLACK_OFF]
+    assert n.sent == [("discord", "start"), ("discord", "failure")]
+    assert [c["path"] for c in rx.calls] == [f"/discord/{HOOK_SECRET}"] * 2
+
+
+def test_every_channel_off_sends_nothing_and_null_notifier_stays_quiet(load_notify, capsys):
+    cfg = load_notify({"slack": {"webhook": "${SLACK_HOOK:-}", "token": "${SLACK_TOKEN:-}", "channel": "C0123"},
+                       "discord": {"webhook": "${DISCORD_HOOK}"}}, DISCORD_HOOK="")
+    quiet = null_notifier(cfg)
+    assert capsys.readouterr().err == ""
+    n = Notifier(cfg)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: notify.slack.webhook and notify.slack.token are empty (their secrets are not set here, e.g. a "
+        "fork's pull request): Slack notifications are off for this run",
+        "warning: notify.discord.webhook is empty (its secret is not set here, e.g. a fork's pull request): Discord "
+        "notifications are off for this run"]
+    for notifier in (n, quiet):
+        notifier.start(Message("start", "s"))
+        notifier.failure(Message("failure", "boom"))
+        notifier.close()
+        assert not notifier.enabled and notifier._thread is None and notifier.sent == []
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("notify,env,problem", [
+    ({"slack": {"webhook": ""}}, {}, "notify.slack.webhook: empty; write a reference such as ${SLACK_WEBHOOK}"),
+    ({"discord": {"webhook": ""}}, {}, "notify.discord.webhook: empty; write a reference"),
+    ({"slack": {"webhook": "https://hooks.example.invalid/T0/B0/x"}}, {}, "a literal value here would be committed"),
+    ({"slack": {"webhook": "${NOT_EXPORTED_HOOK}"}}, {}, "environment variable NOT_EXPORTED_HOOK is not set"),
+    ({"slack": {"token": "${SLACK_TOKEN}"}}, {"SLACK_TOKEN": ""}, "a bot `token` needs a `channel`"),
+    ({"slack": {"webhook": "${A}", "token": "${B}", "channel": "C1"}}, {"A": "x" * 8, "B": "y" * 8},
+     "set exactly one of `webhook`"),
+])
+def test_notify_config_errors_that_stay_errors(load_notify, monkeypatch, notify, env, problem):
+    monkeypatch.delenv("NOT_EXPORTED_HOOK", raising=False)
+    with pytest.raises(ConfigError) as e:
+        load_notify(notify, **env)
+    assert problem in str(e.value)
+
+
+def test_an_empty_webhook_beside_a_token_leaves_the_bot(load_notify, httpserver, capsys):
+    rx = Receiver(httpserver)
+    cfg = load_notify({"slack": {"webhook": "${SLACK_HOOK}", "token": "${SLACK_TOKEN}", "channel": "C0123",
+                                 "api_url": "${SLACK_API}"}},
+                      SLACK_HOOK="", SLACK_TOKEN=SLACK_TOKEN, SLACK_API=f"{rx.url}/slack/api")
+    n = Notifier(cfg)
+    n.finish(Message("finish", "done"))
+    n.close()
+    assert [c["path"] for c in rx.calls] == ["/slack/api/chat.postMessage"] and capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_validate_and_train_go_on_without_the_secret(tiny_model, tmp_path):
+    cfg = notify_config(tiny_model, tmp_path, evaluate=None, train={"max_steps": 6, "logging_steps": 2,
+                                                                    "merge": False},
+                        notify={"slack": {"webhook": "${SLACK_WEBHOOK_URL}"}, "progress_every": 0.0001})
+    env = {"SLACK_WEBHOOK_URL": ""}
+    checked = swiftci("validate", "-c", str(cfg), env=env, check=0)
+    assert "ok" in checked.stdout
+    proc = swiftci("train", "-c", str(cfg), env=env, check=0)
+    assert proc.stderr.count("notify.slack.webhook is empty") == 1, proc.stderr[-2000:]
+    assert read_json(tmp_path / "out/train/train_report.json")["status"] == "ok"
+
+
+# --- the Slack bot's message belongs to one run ---------------------------------------------------------------------
+
+
+def test_a_new_run_in_the_same_folder_posts_its_own_slack_message(load_notify, httpserver):
+    rx = Receiver(httpserver)
+    cfg = load_notify({"slack": {"token": "${SLACK_BOT_TOKEN}", "channel": "C0123", "api_url": "${SLACK_API}"}},
+                      SLACK_BOT_TOKEN=SLACK_TOKEN, SLACK_API=f"{rx.url}/slack/api")
+    train_dir = cfg.stage_dir("train")
+    reports.write_json(train_dir / "notify_state.json", {"channel": "C0123", "ts": "1600000000.000001"})  # no run id
+
+    def run(run_id: str, *events: str) -> None:
+        reports.write_json(train_dir / "train_report.json", reports.new_report("train", "running", run_id=run_id))
+        n = Notifier(cfg)
+        for event in events:
+            getattr(n, event)(Message(event, f"{run_id} {event}"))
+        n.close()
+        assert n.sent == [("slack", e) for e in events]
+
+    run("r1", "start", "progress", "finish")
+    run("r2", "start", "progress")
+    run("r2", "finish")  # a later command of run r2 (evaluate, or a resume) keeps r2's message
+
+    posts = rx.at("chat.postMessage")
+    ts = {id(c): f"1700000000.{i:06d}" for i, c in enumerate(posts, 1)}
+    top = [(c["body"]["text"], ts[id(c)]) for c in posts if "thread_ts" not in c["body"]]
+    assert [text for text, _ in top] == ["🚀 r1 start", "🚀 r2 start"], "one message per run, none for the old state"
+    (_, ts1), (_, ts2) = top
+    assert [(c["body"]["text"], c["body"]["ts"]) for c in rx.at("chat.update")] == [
+        ("⏳ r1 progress", ts1), ("✅ r1 finish", ts1), ("⏳ r2 progress", ts2), ("✅ r2 finish", ts2)]
+    assert [(c["body"]["text"], c["body"]["thread_ts"]) for c in posts if "thread_ts" in c["body"]] == [
+        ("✅ r1 finish", ts1), ("✅ r2 finish", ts2)]
+    assert read_json(train_dir / "notify_state.json") == {"run_id": "r2", "channel": "C0123", "ts": ts2}
+
+
+# --- one worker, however many threads emit ----------------------------------------------------------------------
+
+
+def test_concurrent_emits_start_one_worker_and_deliver_each_message_once(webhook_cfg, httpserver, monkeypatch):
+    rx = Receiver(httpserver)
+    n = Notifier(webhook_cfg(f"{rx.url}/hook"))
+    workers = []
+    real_thread = threading.Thread
+
+    class SlowToStart(real_thread):
+        """Widens the window between "no worker yet" and "worker recorded" that unguarded emits race through."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.name == "swiftci-notify":
+                workers.append(self)
+                time.sleep(0.05)
+
+    emitters = 8
+    barrier = threading.Barrier(emitters)
+
+    def emit(i: int) -> None:
+        barrier.wait()
+        n.progress(Message("progress", f"m{i}"))
+
+    threads = [real_thread(target=emit, args=(i,)) for i in range(emitters)]
+    monkeypatch.setattr(threading, "Thread", SlowToStart)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    n.close(budget=10)
+    assert len(workers) == 1, f"{len(workers)} workers started"
+    assert sorted(c["body"]["text"] for c in rx.calls) == sorted(f"⏳ m{i}" for i in range(emitters))
+    assert not workers[0].is_alive()
