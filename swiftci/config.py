@@ -332,6 +332,10 @@ class QuantizeGatesConfig(Section):
     perplexity_samples: int = Field(
         default=128, gt=0, description="Held-out rows (data.validation, else the last training rows) for perplexity."
     )
+    perplexity_batch_size: int = Field(
+        default=4, gt=0, description="Rows per forward pass when measuring perplexity; the logits of a batch take "
+        "batch × length × vocabulary × 4 bytes, so lower it for long rows and large vocabularies."
+    )
 
 
 class QuantizeConfig(Section):
@@ -925,6 +929,11 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
         raise ConfigError([f"{label}:1: the config must be a mapping of sections (name, model, data, train, …)"])
     _walk_nodes(node, (), where, problems)
 
+    # --set values go through the same ${VAR} expansion and literal-secret check as the file's own values
+    from_cli: set[tuple] = set()
+    for key, value in parse_overrides(overrides):
+        _set_path(raw, key, value)
+        from_cli.add(tuple(key.split(".")))
     secrets: list[str] = []
     expanded: set[tuple] = set()
     raw = _expand_env(raw, (), problems, secrets, expanded)
@@ -932,14 +941,14 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
         cur: Any = raw
         for part in secret_path:
             cur = cur.get(part) if isinstance(cur, dict) else None
-        if isinstance(cur, str) and cur and secret_path not in expanded:
+        if isinstance(cur, str) and secret_path not in expanded:
             name = "_".join(secret_path[1:]).upper()
-            problems.append((secret_path, f"write a reference such as ${{{name}}} and keep the value in a secret; a "
-                                          "literal value here would be committed to git"))
-    from_cli: set[tuple] = set()
-    for key, value in parse_overrides(overrides):
-        _set_path(raw, key, value)
-        from_cli.add(tuple(key.split(".")))
+            if cur:
+                problems.append((secret_path, f"write a reference such as ${{{name}}} and keep the value in a secret; "
+                                              "a literal value here would be committed to git"))
+            else:  # only a `${VAR}` that expands to nothing turns a channel off; a literal "" is a mistake
+                problems.append((secret_path, f"empty; write a reference such as ${{{name}}}, or remove "
+                                              f"notify.{secret_path[1]} to send nothing there"))
 
     def located(p: tuple, message: str) -> str:
         for cli_path in from_cli:

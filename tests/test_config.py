@@ -150,6 +150,20 @@ class TestOverrides:
     def test_override_without_equals(self, cfg_file):
         assert_config_error(validate(cfg_file(GOOD), "--set", "train.learning_rate"), "expected KEY=VALUE")
 
+    def test_override_values_expand_env_references(self, cfg_file):
+        proc = validate(cfg_file(GOOD), "--set", "train.lora.rank=${SWIFTCI_RANK}", env={"SWIFTCI_RANK": "0"})
+        assert_config_error(proc, "--set train.lora.rank: must be greater than 0 (got '0')")
+        proc = validate(cfg_file(GOOD), "--set", "train.lora.rank=${SWIFTCI_UNSET_RANK}")
+        assert_config_error(proc, "--set train.lora.rank: environment variable SWIFTCI_UNSET_RANK is not set")
+
+    def test_a_literal_secret_on_the_command_line_is_refused_like_one_in_the_file(self, cfg_file):
+        hook = "https://discord.com/api/webhooks/123/abcdefghijklmnop"
+        proc = validate(cfg_file(GOOD), "--set", f"notify.discord.webhook={hook}")
+        assert_config_error(proc, "--set notify.discord.webhook: write a reference such as ${DISCORD_WEBHOOK}")
+        assert hook not in proc.stderr
+        proc = validate(cfg_file(GOOD), "--set", "notify.discord.webhook=${HOOK}", env={"HOOK": hook})
+        assert proc.returncode == 0, proc.stderr
+
     def test_good_override(self, cfg_file):
         proc = validate(cfg_file(GOOD), "--set", "train.learning_rate=2e-5", "--set", "train.tuner=full")
         assert proc.returncode == 0, proc.stderr

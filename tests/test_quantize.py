@@ -103,3 +103,25 @@ def test_impossible_combinations_are_config_errors(trained, tiny_model, tmp_path
         proc = swiftci(command, "-c", str(cfg))
         assert proc.returncode == 2, (command, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_perplexity_is_the_models_own_loss_whatever_the_batch(tiny_model):
+    """Padding never counts: batches of 1 and of 4 give the same perplexity, and a single row matches
+    exp(loss) as transformers computes it from labels."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swiftci.quantize import perplexity
+
+    rows = [json.loads(line)["messages"] for line in VALIDATION.read_text().splitlines()[:6]]
+    texts = [" ".join(m["content"] for m in row) * (i + 1) for i, row in enumerate(rows)]  # lengths differ
+    one, four = perplexity(tiny_model, texts, 64, 1), perplexity(tiny_model, texts, 64, 4)
+    assert one == pytest.approx(four, rel=1e-4)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([tok(texts[0], add_special_tokens=False)["input_ids"][:64]])
+    with torch.no_grad():
+        expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    assert perplexity(tiny_model, texts[:1], 64, 1) == pytest.approx(expected, rel=1e-4)
