@@ -18,11 +18,14 @@ Outputs in `<output_dir>/quantize/`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from swiftci.config import Config
 from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
 
 STAGE = "quantize"
+QUANTIZER_LOG = "quantizer.log"
 REPORT = "quantize_report.json"
 MARKDOWN = "quantize_report.md"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -41,6 +45,7 @@ def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
     qc = cfg.quantize
     if qc is None:
         raise UsageError(f"{cfg.source}: no `quantize` section; add one (see examples/tiny/swiftci.yaml)")
+    os.environ["TQDM_DISABLE"] = "1"  # before anything imports tqdm, which reads it once: no per-batch bars in CI
     out = cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -227,6 +232,42 @@ def perplexity(model_dir: Path, texts: list[str], max_length: int, batch_size: i
     return math.exp(nll / max(count, 1))
 
 
+@contextlib.contextmanager
+def _quantizer_output(log: Path, append: bool = False) -> Iterator[None]:
+    """gptqmodel draws a progress bar per module and layer and logs every kernel choice: hundreds of lines for one
+    model, unreadable in a CI log. Its output (Python and native, both file descriptors) goes to `log`; when it
+    fails, the log's last lines are shown with the error. A GateFailed is no crash: the report says why."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab" if append else "wb") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        except GateFailed:
+            _restore(saved)
+            raise
+        except BaseException:
+            _restore(saved)
+            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
+            print("\n".join(["quantizer output (last lines; all in " + log.name + "):", *tail]), file=sys.stderr)
+            raise
+        else:
+            _restore(saved)
+    if not append:
+        print(f"quantizer output: {log}", file=sys.stderr)
+
+
+def _restore(saved: tuple[int, int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    for fd in saved:
+        os.close(fd)
+
+
 def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
@@ -243,7 +284,6 @@ def _quantize(cfg: Config, source: Path, target: Path, calibration: list[str]) -
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
         os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
-    os.environ["TQDM_DISABLE"] = "1"
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
     except ImportError:
@@ -292,9 +332,10 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
     calibration = _calibration_texts(cfg, tokenizer)
     heldout = _heldout_texts(cfg, tokenizer)
     batch = qc.gates.perplexity_batch_size
-    ppl_before = perplexity(source, heldout, qc.calibration.max_length, batch)
-    quantize_seconds = _quantize(cfg, source, target, calibration)
-    ppl_after = perplexity(target, heldout, qc.calibration.max_length, batch)
+    with _quantizer_output(out / QUANTIZER_LOG):  # loading the quantized model for perplexity logs as much
+        ppl_before = perplexity(source, heldout, qc.calibration.max_length, batch)
+        quantize_seconds = _quantize(cfg, source, target, calibration)
+        ppl_after = perplexity(target, heldout, qc.calibration.max_length, batch)
     size_before, size_after = weights_bytes(source), weights_bytes(target)
     increase = (ppl_after - ppl_before) / ppl_before * 100
     metrics = {
@@ -316,12 +357,13 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
                                             f"more than {limit:g}%"}]
     evaluation = None
     if qc.gates.reuse_eval_gates and cfg.evaluate is not None:
-        evaluation = _reuse_eval_gates(cfg, target, out)
+        with _quantizer_output(out / QUANTIZER_LOG, append=True):  # loading a GPTQ/AWQ model logs as much
+            evaluation = _reuse_eval_gates(cfg, target, out)
         gates += [{**g, "metric": f"eval:{g['metric']}"} for g in evaluation["gates"]]
     passed = all(g["passed"] for g in gates)
     metrics["wall_seconds"] = round(time.monotonic() - started, 2)
     report = {**base, "status": "passed" if passed else "failed", "passed": passed, "source_model": source_label,
-              "model_dir": "model", "metrics": metrics, "gates": gates}
+              "model_dir": "model", "quantizer_log": QUANTIZER_LOG, "metrics": metrics, "gates": gates}
     if evaluation is not None:
         report["eval"] = {"report": "evaluate/eval_report.json", "baseline": evaluation["baseline"],
                           "metrics": evaluation["metrics"], "passed": evaluation["passed"]}

@@ -62,6 +62,29 @@ def test_gptq_from_an_adapter(trained, tiny_model, tmp_path, unquantized_exact_m
     assert em == pytest.approx(unquantized_exact_match, abs=0.05)
     md = (out / "quantize_report.md").read_text()
     assert "GPTQ 4-bit" in md and "| size on disk |" in md and "✅ **PASS**" in md
+    shown = proc.stdout + proc.stderr  # the quantizer's per-layer progress stays out of the CI log
+    assert "Quantizing layer" in (out / "quantizer.log").read_text() and "Quantizing layer" not in shown
+    assert len(shown.splitlines()) < 60 and report["quantizer_log"] == "quantizer.log"
+
+
+def test_a_quantizer_crash_shows_the_end_of_its_output(tmp_path):
+    """In a real process: Python prints and native writes to fd 2 both land in the log, and a crash shows its end."""
+    log = tmp_path / "quantizer.log"
+    script = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from swiftci.quantize import _quantizer_output
+        with _quantizer_output(Path({str(log)!r})):
+            print("python-level line")
+            os.write(2, b"native line from C++\\n")
+            raise RuntimeError("kernel exploded")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 1 and "RuntimeError: kernel exploded" in proc.stderr
+    assert "quantizer output (last lines; all in quantizer.log):" in proc.stderr
+    assert "python-level line" in proc.stderr and "native line from C++" in proc.stderr
+    assert proc.stdout == "", "nothing reached the console while the quantizer ran"
+    assert "python-level line" in log.read_text() and "native line from C++" in log.read_text()
 
 
 def test_awq(trained, tiny_model, tmp_path, unquantized_exact_match):
