@@ -332,7 +332,10 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
     calibration = _calibration_texts(cfg, tokenizer)
     heldout = _heldout_texts(cfg, tokenizer)
     batch = qc.gates.perplexity_batch_size
-    with _quantizer_output(out / QUANTIZER_LOG):  # loading the quantized model for perplexity logs as much
+    source, target = source.resolve(), target.resolve()
+    # gptqmodel writes per-module logs into ./logs of the working directory: inside the stage's folder, they stay
+    # out of the user's repository
+    with _quantizer_output(out / QUANTIZER_LOG), contextlib.chdir(out):
         ppl_before = perplexity(source, heldout, qc.calibration.max_length, batch)
         quantize_seconds = _quantize(cfg, source, target, calibration)
         ppl_after = perplexity(target, heldout, qc.calibration.max_length, batch)

@@ -65,6 +65,8 @@ def test_gptq_from_an_adapter(trained, tiny_model, tmp_path, unquantized_exact_m
     shown = proc.stdout + proc.stderr  # the quantizer's per-layer progress stays out of the CI log
     assert "Quantizing layer" in (out / "quantizer.log").read_text() and "Quantizing layer" not in shown
     assert len(shown.splitlines()) < 60 and report["quantizer_log"] == "quantizer.log"
+    assert list((out / "logs").glob("gptq_log_*")) and not (ROOT / "logs").exists(), \
+        "gptqmodel's ./logs land in the stage folder, never in the directory swiftci was started from"
 
 
 def test_a_quantizer_crash_shows_the_end_of_its_output(tmp_path):
