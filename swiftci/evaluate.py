@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swiftci import models, reports
+from swiftci import models, reports, runinfo
 from swiftci.config import Config, GateConfig
 from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
 
@@ -65,7 +65,7 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
         raise UsageError(f"{field}: {', '.join(drops)} set max_drop, which needs a baseline, but the baseline is "
                          "`none`; give `base` or an earlier eval_report.json, or gate with `min`")
     if endpoint is not None:
-        candidate = Candidate(endpoint[0], "endpoint", None, _train_run_id(cfg), label_model=endpoint[1])
+        candidate = Candidate(endpoint[0], "endpoint", None, runinfo.train_run_id(cfg.stage_dir("train")), label_model=endpoint[1])
         if baseline == "base":
             baseline = "none"  # no weights to disable an adapter on; compare with an eval report instead
     else:
@@ -123,7 +123,7 @@ def _candidate(cfg: Config, model_dir: Path | None) -> Candidate:
             raise UsageError(f"--model: {model_dir} holds neither a model (config.json) nor an adapter "
                              f"({models.ADAPTER_CONFIG})")
         kind = "adapter" if models.is_adapter_dir(path) else "model"
-        return Candidate(_label(cfg, path), kind, path, _train_run_id(cfg))
+        return Candidate(_label(cfg, path), kind, path, runinfo.train_run_id(cfg.stage_dir("train")))
     if cfg.train is None:
         return Candidate(cfg.model.id, "base", None, None)
     train_dir = cfg.stage_dir("train")
@@ -138,13 +138,6 @@ def _candidate(cfg: Config, model_dir: Path | None) -> Candidate:
     name = "adapter" if "adapter" in outputs else "model"
     path = train_dir / outputs[name]
     return Candidate(_label(cfg, path), name, path, report.get("run_id"))
-
-
-def _train_run_id(cfg: Config) -> str | None:
-    path = cfg.stage_dir("train") / "train_report.json"
-    if path.is_file():
-        return reports.read_json(path).get("run_id")
-    return None
 
 
 def _label(cfg: Config, path: Path) -> str:

@@ -321,7 +321,7 @@ class Notifier:
             return
         api = slack.api_url.rstrip("/")
         headers = {"Authorization": f"Bearer {slack.token}"}
-        run_id = self._run_id()
+        run_id = runinfo.train_run_id(self.cfg.stage_dir("train"))  # written before the first message
         state = self._slack_state(run_id)
         if state is None:  # the run's one message
             data = self._slack_call(f"{api}/chat.postMessage", headers, {"channel": slack.channel, **payload})
@@ -343,14 +343,6 @@ class Notifier:
         if not data.get("ok"):
             raise _Down(f"Slack API error {data.get('error')!r}")
         return data
-
-    def _run_id(self) -> str | None:
-        """The run id in the train stage's report: train writes it before the run's first message, a resume keeps it."""
-        try:
-            run_id = reports.read_json(self.cfg.stage_dir("train") / "train_report.json").get("run_id")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return run_id if isinstance(run_id, str) and run_id else None
 
     def _slack_state(self, run_id: str | None) -> dict | None:
         """The Slack message of run `run_id`, or None when that run has none yet."""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from swiftci import runinfo
 from swiftci.config import Config
 from swiftci.errors import SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, finish_message
@@ -26,13 +27,6 @@ def notifications(cfg: Config) -> Iterator[Notifier]:
         yield notifier
     finally:
         notifier.close()
-
-
-def _run_id(cfg: Config) -> str | None:
-    from swiftci import reports
-
-    path = cfg.stage_dir("train") / "train_report.json"
-    return reports.read_json(path).get("run_id") if path.is_file() else None
 
 
 def _clear_reports(cfg: Config, stages: list[str]) -> None:
@@ -66,7 +60,7 @@ def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> di
             return deploy.run(cfg, **options)
         raise UsageError(f"unknown stage {stage!r}")
     except SwiftCIError as e:
-        notifier.failure(failure_message(cfg, stage, _run_id(cfg), e.kind, str(e)))
+        notifier.failure(failure_message(cfg, stage, runinfo.train_run_id(cfg.stage_dir("train")), e.kind, str(e)))
         raise
 
 

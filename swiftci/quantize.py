@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, reports
+from swiftci import models, reports, runinfo
 from swiftci.config import Config
 from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
 
@@ -49,7 +49,7 @@ def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
     out = cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    run_id = _run_id(cfg)
+    run_id = runinfo.train_run_id(cfg.stage_dir("train"))
     base = reports.new_report(STAGE, "running", run_id=run_id, method=qc.method, bits=qc.bits,
                               group_size=qc.group_size, backend=qc.backend)
     _write(out, {**base, "passed": False})
@@ -70,11 +70,6 @@ def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
         raise GateFailed("quantization gate failed: " + "; ".join(f"{g['metric']} {g['reason']}" for g in failed)
                          + f" (report: {out / MARKDOWN})")
     return report
-
-
-def _run_id(cfg: Config) -> str | None:
-    path = cfg.stage_dir("train") / "train_report.json"
-    return reports.read_json(path).get("run_id") if path.is_file() else None
 
 
 # --- what to quantize ------------------------------------------------------------------------------------------
