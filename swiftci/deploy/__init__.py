@@ -28,7 +28,7 @@ from swiftci import reports, runinfo
 from swiftci.config import Config, DeployConfig
 from swiftci.deploy import image as imagelib
 from swiftci.deploy import kube, smoke
-from swiftci.errors import GateFailed, StageError, UsageError
+from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
 
 STAGE = "deploy"
 REPORT = "deploy_report.json"
@@ -61,16 +61,20 @@ def run(cfg: Config, *, dry_run: bool = False, rollback: bool = False, image: st
             _kubernetes(cfg, dc, out, report, lineage, dry_run=dry_run, prebuilt=image)
     except Exception as e:
         report["status"] = report["status"] if report.get("status") not in ("running", None) else "failed"
-        report["reason"] = str(e) if isinstance(e, (GateFailed, StageError, UsageError)) else \
-            f"{type(e).__name__}: {e}"
+        report["reason"] = _reason(e)
         report["wall_seconds"] = round(time.monotonic() - started, 2)
         _write(out, report)
-        if isinstance(e, (GateFailed, StageError, UsageError)):
+        if isinstance(e, SwiftCIError):
             raise
         raise StageError(f"deploy failed: {type(e).__name__}: {e}") from e
     report["wall_seconds"] = round(time.monotonic() - started, 2)
     _write(out, report)
     return report
+
+
+def _reason(e: BaseException) -> str:
+    """Our own errors already read as a sentence; anything else gets its type."""
+    return str(e) if isinstance(e, SwiftCIError) else f"{type(e).__name__}: {e}"
 
 
 # --- what ships -------------------------------------------------------------------------------------------------
@@ -356,7 +360,7 @@ def _rolling(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.R
             if not result["passed"]:
                 why, gate = _smoke_failure(result), True
     except Exception as e:  # noqa: BLE001 - whatever broke, the new revision must not stay in service
-        why = str(e) if isinstance(e, (StageError, UsageError, GateFailed)) else f"{type(e).__name__}: {e}"
+        why = _reason(e)
     if why is None:
         final = history + [kube.history_entry(release, "good")]
         _record(cluster, dc, name, final)
@@ -416,7 +420,7 @@ def _canary(cfg: Config, cluster: kube.Cluster, dc: DeployConfig, name: str, rel
                         why, gate = "canary eval gates failed: " + "; ".join(
                             f"{g['metric']} {g['reason']}" for g in scored["gates"] if not g["passed"]), True
         except Exception as e:  # noqa: BLE001 - the canary is removed below whatever happened
-            why = str(e) if isinstance(e, (StageError, UsageError, GateFailed)) else f"{type(e).__name__}: {e}"
+            why = _reason(e)
         if why is not None:
             aborted = history + [kube.history_entry(release, "canary_aborted", reason=why[:300])]
             if current is not None:  # recorded on the stable Deployment, whose spec and pods stay untouched
@@ -488,13 +492,9 @@ def _rollback(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
 
 
 def _before_current(history: list[dict], current_digest: str) -> kube.Release | None:
-    first = next((i for i in range(len(history) - 1, -1, -1)
-                  if history[i].get("digest") == current_digest and history[i].get("status") == "good"
-                  and not history[i].get("rollback")), None)
-    if first is None:  # the current revision came in by a rollback only: go before its latest good entry
-        first = next((i for i in range(len(history) - 1, -1, -1)
-                      if history[i].get("digest") == current_digest and history[i].get("status") == "good"),
-                     len(history))
+    goods = [i for i, e in enumerate(history) if e.get("digest") == current_digest and e.get("status") == "good"]
+    # where the current revision was last deployed as itself; if it only ever came back by a rollback, where it did
+    first = next((i for i in reversed(goods) if not history[i].get("rollback")), goods[-1] if goods else len(history))
     return _previous_good(history[:first], current_digest)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
