@@ -1,22 +1,45 @@
-# README's two commands: `make demo` and `make test`. Everything a fresh clone needs is installed from here.
+# README's two commands: `make demo` and `make test`. Everything a fresh clone needs is installed from here, and
+# every Python package comes from requirements.lock (exact versions, sha256-checked), so a fresh clone gets exactly
+# what last passed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TINY   := examples/tiny
+LOCK   := requirements.lock
+EXTRAS := train,eval,quantize,deploy,dev
+PYTEST := $(PY) -m pytest
+comma  := ,
+UV     := $(VENV)/bin/uv
 
-.PHONY: setup system-deps demo test tiny-model bench clean
+# Where the CPU build of torch comes from when the lock is refreshed: the machine's pip find-links when it has one
+# (our machines keep the wheel on disk), else PyTorch's CPU index.
+PIP_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+TORCH_SOURCE   ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+
+.PHONY: setup system-deps demo test test-fast test-latest lock tiny-model bench clean
 
 setup: $(STAMP) $(TINY)/base-model/config.json
 
-# torch first, from the pinned CPU build, so nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# uv installs the lock in ~30 s (pip takes ~4 min here). uv itself is bootstrapped with pip from its own hashed
+# entry in the lock; `uv pip sync --require-hashes` then makes .venv exactly the lock. swiftci itself is the only
+# unlocked install, built with the locked setuptools (no build isolation, so nothing unpinned is fetched for it).
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[train,eval,quantize,deploy,dev]'
+	awk '/^uv==/{p=1} p{print; if ($$0 !~ /\\$$/) exit}' $(LOCK) > $(VENV)/uv.lock.txt
+	$(PIP) install -q --require-hashes --no-deps -r $(VENV)/uv.lock.txt
+	$(UV) pip sync -q --python $(PY) --require-hashes $(TORCH_SOURCE) $(LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+	$(UV) pip check -q --python $(PY)
 	touch $(STAMP)
+
+# Refresh the lock from pyproject.toml's ranges (torch held at the CPU build by constraints.txt), then reinstall.
+lock: $(STAMP)
+	$(UV) pip compile pyproject.toml --extra $(subst $(comma), --extra ,$(EXTRAS)) --generate-hashes \
+	  --python-version 3.11 -c constraints.txt $(TORCH_SOURCE) --no-header --quiet -o $(LOCK)
+	rm -f $(STAMP)
+	$(MAKE) setup
 
 tiny-model: $(TINY)/base-model/config.json
 
@@ -26,21 +49,39 @@ $(TINY)/base-model/config.json: $(TINY)/build_base_model.py | $(STAMP)
 demo: setup
 	$(VENV)/bin/swiftci run -c $(TINY)/swiftci.yaml
 
-# What the image and registry tests need (Debian packages; installed when missing and we are root).
+# What the image and registry tests need (Debian packages; installed when missing, as root or with sudo).
 SYSTEM_TOOLS := buildah skopeo docker-registry busybox
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah skopeo docker-registry busybox-static; \
+	  if [ "$$(id -u)" = 0 ]; then as=""; elif sudo -n true 2>/dev/null; then as="sudo"; \
 	  else echo "missing:$$missing — install buildah skopeo docker-registry busybox-static (Debian/Ubuntu)"; exit 1; fi; \
+	  $$as apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$as apt-get install -y -qq buildah skopeo docker-registry busybox-static; \
 	fi
 
+# The full suite: what CI runs (.ci/run).
 test: setup system-deps
-	$(PY) -m pytest -q
+	$(PYTEST) -q --durations=15
+
+# The edit–test loop: no act runs, no image builds (tests marked `act` or `image`).
+test-fast: setup
+	$(PYTEST) -q -m "not act and not image" --durations=10
+
+# The drift check: the newest releases pyproject.toml's ranges admit (torch held by constraints.txt), in their own
+# venv, then the whole suite. Run weekly by CI; when it fails, the lock still passes and the log says what moved.
+LATEST := .venv-latest
+test-latest: system-deps $(TINY)/base-model/config.json
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade -c constraints.txt -e '.[$(EXTRAS)]'
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	@echo "== what moved against $(LOCK):"; \
+	  grep -E '^[A-Za-z0-9]' $(LOCK) | sed 's/ .*//' | sort > $(LATEST)/locked.txt; \
+	  sort $(LATEST)/versions.txt | diff $(LATEST)/locked.txt - | grep '^[<>]' || echo "nothing"
+	$(LATEST)/bin/python -m pytest -q --durations=15
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(TINY)/base-model $(TINY)/out .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(TINY)/base-model $(TINY)/out .pytest_cache
