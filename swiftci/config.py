@@ -330,7 +330,11 @@ class QuantizeGatesConfig(Section):
         "report as the baseline when there is one.",
     )
     perplexity_samples: int = Field(
-        default=128, gt=0, description="Held-out rows (data.validation, else the last training rows) for perplexity."
+        default=128, gt=0, description="Held-out rows (data.validation, else the last training rows) for perplexity, "
+        "scored on their assistant tokens: exp(validation loss). Without a data section: calibration text, every token."
+    )
+    perplexity_max_length: int = Field(
+        default=512, gt=0, description="Tokens per held-out row when measuring perplexity (longer rows are cut)."
     )
     perplexity_batch_size: int = Field(
         default=4, gt=0, description="Rows per forward pass when measuring perplexity; the logits of a batch take "

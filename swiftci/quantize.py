@@ -3,7 +3,8 @@
 1. Take the trained model (merging a LoRA adapter into its base first), or `--model DIR`.
 2. Check that the quantization fits the model (group size divides every layer's input size) — exit 2 if not.
 3. Quantize with calibration text from the training data (or `quantize.calibration.file`).
-4. Measure perplexity on held-out text before and after, and size on disk before and after.
+4. Measure perplexity on held-out rows before and after (their assistant tokens, like the validation loss), and
+   size on disk before and after.
 5. Re-run the evaluate section's gates on the quantized model (`gates.reuse_eval_gates`), against the unquantized
    model's eval report when there is one.
 
@@ -180,46 +181,45 @@ def _truncate(tokenizer: Any, text: str, max_length: int) -> str:
     return text if len(ids) <= max_length else tokenizer.decode(ids[:max_length])
 
 
-def _heldout_texts(cfg: Config, tokenizer: Any) -> list[str]:
-    """Held-out text for perplexity: the validation rows, else the last rows of the training data."""
-    n = cfg.quantize.gates.perplexity_samples
+def heldout_examples(cfg: Config, tokenizer: Any) -> list[dict]:
+    """Held-out rows for perplexity, tokenized like training: the validation rows (else the last training rows),
+    scored on their assistant tokens only, so perplexity is exp(validation loss) as training reports it. Without
+    a data section, the calibration text is scored on every token."""
+    gates = cfg.quantize.gates
     if cfg.data is None:
-        return _calibration_texts(cfg, tokenizer)[:n]
+        texts = _calibration_texts(cfg, tokenizer)[: gates.perplexity_samples]
+        ids = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=gates.perplexity_max_length)
+               ["input_ids"] for t in texts]
+        return [{"input_ids": x, "labels": x} for x in ids]
     path = cfg.resolve(cfg.data.validation or cfg.data.train)
     convs, _ = datalib.load_conversations(path, cfg.data.format)
-    convs = convs[:n] if cfg.data.validation else convs[-n:]
-    return [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
+    convs = convs[: gates.perplexity_samples] if cfg.data.validation else convs[-gates.perplexity_samples:]
+    examples, _ = datalib.tokenize_sft(convs, tokenizer, gates.perplexity_max_length, path.name)
+    return examples
 
 
-def perplexity(model_dir: Path, texts: list[str], max_length: int, batch_size: int = 4) -> float:
-    """exp(mean token negative log-likelihood) of `texts` under the model in `model_dir` (quantized or not)."""
+def perplexity(model_dir: Path, examples: list[dict], batch_size: int = 4) -> float:
+    """exp(mean negative log-likelihood of the labelled tokens) of `examples` ({input_ids, labels}, -100 where a
+    token is not scored) under the model in `model_dir`, quantized or not."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     with models.offline_if_local(True):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
                                                      device_map={"": 0} if torch.cuda.is_available() else None)
     model.eval()
     device = next(model.parameters()).device
+    collate = datalib.PadCollator(0)
     nll, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-                   for t in texts[i: i + batch_size]]
-            width = max(len(x) for x in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, x in enumerate(enc):
-                ids[j, : len(x)] = torch.tensor(x)
-                mask[j, : len(x)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i: i + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:].reshape(-1)
             # cross_entropy never materialises a float32 log-softmax copy of (batch × length × vocabulary)
             token_nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none")
-            keep = mask[:, 1:].reshape(-1).bool()
+                logits.reshape(-1, logits.shape[-1]).float(), targets.clamp(min=0), reduction="none")
+            keep = targets != -100
             nll += token_nll[keep].sum().item()
             count += int(keep.sum().item())
             del logits, token_nll
@@ -325,15 +325,15 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
     target = out / "model"
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     calibration = _calibration_texts(cfg, tokenizer)
-    heldout = _heldout_texts(cfg, tokenizer)
+    heldout = heldout_examples(cfg, tokenizer)
     batch = qc.gates.perplexity_batch_size
     source, target = source.resolve(), target.resolve()
     # gptqmodel writes per-module logs into ./logs of the working directory: inside the stage's folder, they stay
     # out of the user's repository
     with _quantizer_output(out / QUANTIZER_LOG), contextlib.chdir(out):
-        ppl_before = perplexity(source, heldout, qc.calibration.max_length, batch)
+        ppl_before = perplexity(source, heldout, batch)
         quantize_seconds = _quantize(cfg, source, target, calibration)
-        ppl_after = perplexity(target, heldout, qc.calibration.max_length, batch)
+        ppl_after = perplexity(target, heldout, batch)
     size_before, size_after = weights_bytes(source), weights_bytes(target)
     increase = (ppl_after - ppl_before) / ppl_before * 100
     metrics = {

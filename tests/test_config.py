@@ -6,6 +6,7 @@ These run the real CLI (`python -m swiftci.cli validate`) in a subprocess.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -165,8 +166,15 @@ class TestOverrides:
         assert proc.returncode == 0, proc.stderr
 
     def test_good_override(self, cfg_file):
-        proc = validate(cfg_file(GOOD), "--set", "train.learning_rate=2e-5", "--set", "train.tuner=full")
+        from swiftci import config
+
+        sets = ("--set", "train.learning_rate=2e-5", "--set", "train.tuner=full", "--set", "evaluate={tasks: [t]}")
+        proc = validate(cfg_file(GOOD), *sets)
         assert proc.returncode == 0, proc.stderr
+        assert "ok (stages: train, evaluate)" in proc.stdout, "the --set that adds a section took effect"
+        cfg = config.load(cfg_file(GOOD), sets[1::2])
+        assert (cfg.train.learning_rate, cfg.train.tuner, cfg.evaluate.tasks) == (2e-5, "full", ["t"])
+        assert cfg.fingerprint() != config.load(cfg_file(GOOD)).fingerprint()
 
 
 def test_gpu_config_validates_on_cpu(tmp_path):
@@ -241,11 +249,14 @@ def test_cli_does_not_import_heavy_libraries(cfg_file):
 
 @pytest.mark.slow
 def test_core_install_without_torch(tmp_path, cfg_file):
-    """`pip install swiftci` with no extra gives a working validate and schema, and no torch."""
+    """`pip install swiftci` with no extra gives a working validate and schema, and no torch. (Installed with the
+    locked uv from its cache, which `make setup` filled: the same package metadata, in seconds and offline.)"""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                          str(ROOT)], capture_output=True, text=True)
+    uv = str(Path(sys.executable).parent / "uv")
+    base_python = os.path.realpath(sys._base_executable)
+    subprocess.run([uv, "venv", "-q", "--python", base_python, str(venv)], check=True)
+    pip = subprocess.run([uv, "pip", "install", "-q", "--offline", "--python", str(venv / "bin/python"),
+                          "-c", str(ROOT / "requirements.lock"), str(ROOT)], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
     assert subprocess.run([str(venv / "bin/python"), "-c", "import torch"], capture_output=True).returncode != 0
     ok = subprocess.run([str(venv / "bin/swiftci"), "validate", "-c", str(cfg_file(GOOD))], capture_output=True,
