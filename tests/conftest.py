@@ -12,6 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from filelock import FileLock
+
+# pytest-xdist runs two workers on our two cores: with torch's default of one OpenMP thread per core in each, the
+# spinning threads of one process slow the other's several-fold. One thread per process (inherited by every
+# `swiftci` subprocess and act run) keeps both cores busy without that.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny"
@@ -19,11 +26,19 @@ SWIFTCI = [sys.executable, "-m", "swiftci.cli"]
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> Path:
+def shared_dir(tmp_path_factory, worker_id) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the session's base temp folder is per worker)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(shared_dir) -> Path:
     """The example's base model, built once (about 20 s) if `make tiny-model` has not built it yet."""
     path = TINY / "base-model"
-    if not (path / "config.json").is_file():
-        subprocess.run([sys.executable, str(TINY / "build_base_model.py"), str(path)], check=True)
+    with FileLock(str(shared_dir / "tiny-model.lock")):
+        if not (path / "config.json").is_file():
+            subprocess.run([sys.executable, str(TINY / "build_base_model.py"), str(path)], check=True)
     return path
 
 
@@ -46,14 +61,21 @@ def tiny_config(tiny_model: Path, out: Path, **sections) -> dict:
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_model, tmp_path_factory):
-    """The tiny example trained once with LoRA (+ merged model), shared by tests that only read its outputs.
+def trained(tiny_model, shared_dir):
+    """The tiny example trained once per session with LoRA (+ merged model), shared by every test (and every
+    xdist worker) that only reads its outputs; `proc` is that training's CLI output.
 
     Tests that run later stages copy it with `clone_trained` so each writes its own outputs."""
-    work = tmp_path_factory.mktemp("trained")
-    cfg = write_config(work / "swiftci.yaml", tiny_config(tiny_model, work / "out"))
-    proc = swiftci("train", "-c", str(cfg), check=0)
-    return SimpleNamespace(config=cfg, work=work, train_dir=work / "out" / "train", proc=proc)
+    work = shared_dir / "trained"
+    with FileLock(str(shared_dir / "trained.lock")):
+        done = work / "cli-output.json"
+        if not done.is_file():
+            cfg = write_config(work / "swiftci.yaml", tiny_config(tiny_model, work / "out"))
+            proc = swiftci_in_process("train", "-c", str(cfg), check=0)
+            done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+    output = json.loads(done.read_text())
+    proc = SimpleNamespace(returncode=0, stdout=output["stdout"], stderr=output["stderr"])
+    return SimpleNamespace(config=work / "swiftci.yaml", work=work, train_dir=work / "out" / "train", proc=proc)
 
 
 def clone_trained(trained, dest: Path, tiny_model: Path, **sections) -> Path:
@@ -86,14 +108,17 @@ def swiftci(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     return proc
 
 
-def swiftci_in_process(*args: str) -> SimpleNamespace:
-    """Run the real CLI in this process with click's CliRunner: same code path, without paying Python, torch and
-    lm-eval start-up again for every call (used by the evaluate tests, which call it many times)."""
+def swiftci_in_process(*args: str, env: dict | None = None, check: int | None = None) -> SimpleNamespace:
+    """Run the real CLI in this process with click's CliRunner: same code path, without paying Python, torch,
+    lm-eval or the kubernetes client's start-up again for every call (a subprocess spends 5-13 s importing them).
+    `env` is set for the call only."""
     from click.testing import CliRunner
 
     from swiftci.cli import main
 
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False, env=env)
+    if check is not None:
+        assert result.exit_code == check, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
@@ -121,3 +146,14 @@ def greedy_exact_match(model_dir: Path, rows_path: Path, adapter_dir: Path | Non
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     answers = [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
     return sum(a == r["messages"][-1]["content"] for a, r in zip(answers, rows)) / len(rows)
+
+
+def pytest_collection_modifyitems(items):
+    """`act` and `image` marks follow from the fixtures a test uses, so `make test-fast` (-m "not act and not
+    image") never runs one by mistake."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if "act_repo" in names:
+            item.add_marker(pytest.mark.act)
+        if names & {"containers_env", "engine_image", "registry"}:
+            item.add_marker(pytest.mark.image)

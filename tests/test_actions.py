@@ -63,7 +63,9 @@ def act(repo: Path, work: Path, event: str, workflow: str, *, event_json: dict |
         (work / "event.json").write_text(json.dumps(event_json))
         cmd += ["-e", str(work / "event.json")]
     all_env = {"SWIFTCI_TEST_SITE_PACKAGES": sysconfig.get_paths()["purelib"],
-               "ACT_ARTIFACT_DIR": str(work / "artifacts"), "HF_HOME": str(work / "hf-home"), **(env or {})}
+               "ACT_ARTIFACT_DIR": str(work / "artifacts"), "HF_HOME": str(work / "hf-home"),
+               **({"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]} if "OMP_NUM_THREADS" in os.environ else {}),
+               **(env or {})}
     for key, value in all_env.items():
         cmd += ["--env", f"{key}={value}"]
     for key, value in (variables or {}).items():
@@ -84,20 +86,31 @@ def act_config(tiny_model, tmp_path):
     return make
 
 
+# What the act runs exercise is the actions' plumbing, not the tiny model's quality: a short training and lenient
+# gates keep each run to seconds of model work.
+SHORT_TRAIN = {"max_steps": 30, "save_steps": 1000}
+LENIENT_EVAL = {"limit": 20, "gates": [{"metric": "tiny_reverse/exact_match", "min": 0.0},
+                                       {"metric": "tiny_reverse_mc/acc", "max_drop": "100%"}]}
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_train_and_evaluate_actions_on_push(act_repo, act_config, tmp_path):
-    cfg = act_config()
+    cfg = act_config(train=SHORT_TRAIN, evaluate=LENIENT_EVAL)
     code, log = act(act_repo, tmp_path, "push", "tests/act/push.yml",
                     variables={"SWIFTCI_CONFIG": str(cfg)}, env={"SWIFTCI_TEST_OUT": str(tmp_path)})
     assert code == 0, log[-6000:]
     out = json.loads((tmp_path / "outputs.json").read_text())
+    train_report = json.loads(Path(out["TRAIN_REPORT_PATH"]).read_text())
+    eval_report = json.loads(Path(out["EVAL_REPORT_PATH"]).read_text())
     assert out["TRAIN_PASSED"] == "true" and out["EVAL_PASSED"] == "true" and out["EVAL_STATUS"] == "passed"
     assert Path(out["TRAIN_MODEL_PATH"], "config.json").is_file()  # merge: true -> the merged model
-    assert json.loads(Path(out["TRAIN_REPORT_PATH"]).read_text())["run_id"] == out["TRAIN_RUN_ID"]
-    assert json.loads(out["TRAIN_METRICS"])["steps"] == 375
-    assert json.loads(out["EVAL_METRICS"])["tiny_reverse"]["exact_match"]["value"] >= 0.9
+    assert train_report["run_id"] == out["TRAIN_RUN_ID"] and eval_report["run_id"] == out["TRAIN_RUN_ID"]
+    assert json.loads(out["TRAIN_METRICS"]) == train_report["metrics"] and train_report["metrics"]["steps"] == 30
+    assert json.loads(out["EVAL_METRICS"]) == eval_report["metrics"]
     assert "Summary - ### swiftci train" in log and "Summary - ### swiftci evaluate" in log
-    assert "::group::swiftci train" in log or "swiftci train" in log
+    group = log.index("::group::swiftci train")  # the training log is folded into its own group
+    assert group < log.index("step 25/30") < log.index("::endgroup::", group)
 
 
 @pytest.mark.slow
@@ -110,6 +123,7 @@ def test_config_errors_become_annotations(act_repo, act_config, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config, tmp_path, httpserver):
     """The reusable pipeline, twice on a pull request whose title and branch carry shell and `${{ }}` payloads:
     the first run creates the comment, the second edits it, nothing is executed and no secret reaches the log."""
@@ -128,21 +142,24 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
     store.mkdir()
     logs = []
     for run in range(2):
-        # the first push has every stage; the second drops quantize (the comment then shows it as skipped)
-        cfg = act_config(evaluate={"limit": 30}, quantize={"calibration": {"samples": 16},
-                                                           "gates": {"reuse_eval_gates": False}} if run == 0 else None)
+        # the first push has every stage but deploy; the second trains only (the comment then shows the others as
+        # skipped, and the store folder of this commit holds nothing of the first run)
+        later = {"evaluate": LENIENT_EVAL, "quantize": {"calibration": {"samples": 16}, "gates": {
+            "reuse_eval_gates": False, "max_ppl_increase_pct": 1000}}} if run == 0 else {"evaluate": None,
+                                                                                      "quantize": None}
+        cfg = act_config(train=SHORT_TRAIN, **later)
         code, log = act(act_repo, tmp_path / f"run{run}", "pull_request", "tests/act/pull-request.yml",
                         event_json=event, variables={"SWIFTCI_CONFIG": str(cfg), "SWIFTCI_MODEL_STORE": str(store)},
                         env={"GITHUB_API_URL": api}, secrets={"GITHUB_TOKEN": TOKEN, "HF_TOKEN": HF_SECRET})
         assert code == 0, log[-6000:]
         logs.append(log)
         (only,) = github.for_pr(7)
-        assert "| `tiny_reverse/exact_match` |" in only["body"] and "| train | ✅ |" in only["body"]
-        assert "| evaluate | ✅ |" in only["body"]
+        assert "| train | ✅ |" in only["body"]
         if run == 0:
+            assert "| `tiny_reverse/exact_match` |" in only["body"] and "| evaluate | ✅ |" in only["body"]
             assert "| quantize | ✅ | size ×0.2" in only["body"] and "### swiftci quantize — GPTQ 4-bit" in only["body"]
         else:
-            assert "| quantize | skipped |" in only["body"]
+            assert "| evaluate | skipped |" in only["body"] and "| quantize | skipped |" in only["body"]
     methods = [m for m, _ in github.requests]
     assert methods.count("POST") == 1 and methods.count("PATCH") == 1
     assert not list(tmp_path.glob("pwned*")), "a payload in the pull request was executed"
@@ -151,10 +168,10 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
         assert TOKEN not in log and HF_SECRET not in log
     (stored,) = store.glob("acme/model-repo/*/train/train_report.json")  # a re-run of one commit replaces it
     assert (stored.parent / "adapter").is_dir() and not list(store.rglob("checkpoints")), "the model went via the store"
-    assert (stored.parent.parent / "evaluate/eval_report.json").is_file()
-    assert not (stored.parent.parent / "quantize").exists(), "the re-run without quantize left no old quantize output"
-    artifacts = [p.name for p in (tmp_path / "run1/artifacts").iterdir()]
-    for stage in ("train", "evaluate"):  # the reports reach the comment job as artifacts, also with a model store
+    for stage in ("evaluate", "quantize"):
+        assert not (stored.parent.parent / stage).exists(), f"the re-run left the first run's {stage} output"
+    artifacts = [p.name for p in (tmp_path / "run0/artifacts").iterdir()]
+    for stage in ("train", "evaluate", "quantize"):  # the reports reach the comment job as artifacts, also with a store
         assert any(a.startswith(f"swiftci-reports-{stage}-") for a in artifacts), artifacts
 
 

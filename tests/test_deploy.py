@@ -17,7 +17,7 @@ import pytest
 import yaml
 from werkzeug import Request, Response
 
-from conftest import clone_trained, read_json, swiftci, tiny_config, write_config
+from conftest import clone_trained, read_json, swiftci, swiftci_in_process, tiny_config, write_config
 from fakes.kube_api import FakeKubeAPI
 
 pytestmark = pytest.mark.slow
@@ -206,7 +206,7 @@ def deploy_section(registry, engine_image, openai, **extra) -> dict:
 
 
 def run_deploy(cfg: Path, cluster, containers_env, *args: str):
-    return swiftci("deploy", "-c", str(cfg), *args, env={**containers_env, "KUBECONFIG": cluster.kubeconfig_path})
+    return swiftci_in_process("deploy", "-c", str(cfg), *args, env={**containers_env, "KUBECONFIG": cluster.kubeconfig_path})
 
 
 def deployed_image(cluster, name="tiny-reverse") -> str:
@@ -294,7 +294,7 @@ def prebuilt_config(tiny_model, tmp_path, registry_host, openai, **extra) -> Pat
 
 
 def ship(cfg, cluster, digest, *args):
-    return swiftci("deploy", "-c", str(cfg), "--image", f"registry.example/bot@{digest}", *args,
+    return swiftci_in_process("deploy", "-c", str(cfg), "--image", f"registry.example/bot@{digest}", *args,
                    env={"KUBECONFIG": cluster.kubeconfig_path})
 
 
@@ -450,7 +450,7 @@ def test_rollback_on_request_returns_to_the_last_good_revision(tiny_model, tmp_p
     cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai)
     assert ship(cfg, cluster, DIGEST_A).returncode == 0
     assert ship(cfg, cluster, DIGEST_B).returncode == 0
-    proc = swiftci("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
+    proc = swiftci_in_process("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
     assert proc.returncode == 0, proc.stderr
     assert deployed_image(cluster, "bot") == f"registry.example/bot@{DIGEST_A}"
     assert [(e["status"], e["digest"]) for e in history(cluster, "bot")][-1] == ("good", DIGEST_A)
@@ -462,10 +462,10 @@ def test_a_second_rollback_keeps_going_back(tiny_model, tmp_path, cluster, opena
     for digest in (DIGEST_A, DIGEST_B, digest_c):
         assert ship(cfg, cluster, digest).returncode == 0
     for expected in (DIGEST_B, DIGEST_A):
-        proc = swiftci("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
+        proc = swiftci_in_process("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
         assert proc.returncode == 0, proc.stderr
         assert deployed_image(cluster, "bot") == f"registry.example/bot@{expected}"
-    proc = swiftci("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
+    proc = swiftci_in_process("deploy", "-c", str(cfg), "--rollback", env={"KUBECONFIG": cluster.kubeconfig_path})
     assert proc.returncode == 2 and "no good revision before the current one" in proc.stderr
 
 
@@ -483,7 +483,7 @@ def test_rendered_manifests(tiny_model, tmp_path, cluster, openai):
     cfg = prebuilt_config(tiny_model, tmp_path, "registry.example", openai, replicas=3, gpus=2,
                           node_selector={"gpu": "a100"},
                           tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-    proc = swiftci("deploy", "-c", str(cfg), "--image", f"registry.example/bot@{DIGEST_A}", "--dry-run",
+    proc = swiftci_in_process("deploy", "-c", str(cfg), "--image", f"registry.example/bot@{DIGEST_A}", "--dry-run",
                    env={"KUBECONFIG": cluster.kubeconfig_path})
     assert proc.returncode == 0, proc.stderr
     assert cluster.requests == [], "--dry-run touches no cluster"
@@ -514,7 +514,7 @@ def test_dry_run_writes_the_dockerfile_and_touches_no_registry(trained, tiny_mod
         "image": f"{registry['host']}/dry", "namespace": NS, "model": "merged",
         "smoke": {"url": openai.url}})
     before = registry_blobs(registry)
-    proc = swiftci("deploy", "-c", str(cfg), "--dry-run", env={"KUBECONFIG": cluster.kubeconfig_path})
+    proc = swiftci_in_process("deploy", "-c", str(cfg), "--dry-run", env={"KUBECONFIG": cluster.kubeconfig_path})
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out/deploy"
     dockerfile = (out / "Dockerfile").read_text()
@@ -547,7 +547,7 @@ def test_local_target_serves_the_model_and_answers_the_smoke_prompts(trained, ti
         "target": "local", "engine": "transformers", "model": "merged",
         "smoke": {"prompts": [{"prompt": "reverse: ship", "expect": ["pihs"]},
                               {"prompt": "reverse: code", "expect": ["edoc"]}]}})
-    proc = swiftci("deploy", "-c", str(cfg))
+    proc = swiftci_in_process("deploy", "-c", str(cfg))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = read_json(tmp_path / "out/deploy/deploy_report.json")
     assert report["status"] == "served" and report["smoke"]["passed"]
@@ -563,7 +563,7 @@ def test_local_smoke_failure_is_exit_1(trained, tiny_model, tmp_path):
     cfg = clone_trained(trained, tmp_path, tiny_model, quantize=None, evaluate=None, deploy={
         "target": "local", "engine": "transformers", "model": "merged",
         "smoke": {"prompts": [{"prompt": "reverse: ship", "expect": ["ship"]}]}})
-    proc = swiftci("deploy", "-c", str(cfg))
+    proc = swiftci_in_process("deploy", "-c", str(cfg))
     assert proc.returncode == 1 and "smoke test failed" in proc.stderr
 
 
@@ -579,7 +579,7 @@ def test_deploy_fails_closed_on_the_eval_report(trained, tiny_model, tmp_path, e
     if eval_report is not None:
         (tmp_path / "out/evaluate").mkdir(parents=True)
         (tmp_path / "out/evaluate/eval_report.json").write_text(json.dumps({"version": 1, **eval_report}))
-    proc = swiftci("deploy", "-c", str(cfg), "--dry-run")
+    proc = swiftci_in_process("deploy", "-c", str(cfg), "--dry-run")
     assert proc.returncode == code and message in proc.stderr, proc.stderr
 
 
@@ -587,8 +587,8 @@ def test_deploy_fails_closed_on_the_eval_report(trained, tiny_model, tmp_path, e
                     reason="opt-in: set SWIFTCI_TEST_KUBE_CONTEXT to a real cluster's kubeconfig context")
 def test_real_cluster(trained, tiny_model, tmp_path):
     """Against a real cluster (the project's CI runs it on kind): build with docker, push to the registry named in
-    SWIFTCI_TEST_REGISTRY, roll out the CPU engine, smoke-test through a port-forward, then deploy the same
-    digest again (unchanged) and roll back on request."""
+    SWIFTCI_TEST_REGISTRY, roll out the CPU engine, smoke-test through a port-forward, deploy the same digest again
+    (unchanged), deploy a second build, then roll back on request to the first one."""
     registry_host = os.environ["SWIFTCI_TEST_REGISTRY"]
     cfg = clone_trained(trained, tmp_path, tiny_model, quantize=None, evaluate=None, deploy={
         "target": "kubernetes", "engine": "transformers", "engine_image": os.environ["SWIFTCI_TEST_ENGINE_IMAGE"],
@@ -597,10 +597,22 @@ def test_real_cluster(trained, tiny_model, tmp_path):
         "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}},
         "smoke": {"prompts": [{"prompt": "reverse: ship", "expect": ["pihs"]}]},
         "timeouts": {"rollout_seconds": 900, "startup_seconds": 600}})
+    report_path = tmp_path / "out/deploy/deploy_report.json"
     first = swiftci("deploy", "-c", str(cfg))
     assert first.returncode == 0, first.stderr[-4000:]
+    first_digest = read_json(report_path)["image_digest"]
     again = swiftci("deploy", "-c", str(cfg))
-    assert again.returncode == 0 and read_json(tmp_path / "out/deploy/deploy_report.json")["status"] == "unchanged"
+    assert again.returncode == 0 and read_json(report_path)["status"] == "unchanged"
+    # a second build: another run id is another image label, so another digest
+    train_report = tmp_path / "out/train/train_report.json"
+    train_report.write_text(json.dumps({**read_json(train_report), "run_id": "tiny-reverse-sft-20260101-second"}))
+    second = swiftci("deploy", "-c", str(cfg))
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert read_json(report_path)["status"] == "deployed" and read_json(report_path)["image_digest"] != first_digest
+    back = swiftci("deploy", "-c", str(cfg), "--rollback")
+    assert back.returncode == 0, back.stderr[-4000:]
+    report = read_json(report_path)
+    assert report["status"] == "rolled_back_by_request" and report["image_digest"] == first_digest
 
 
 def test_a_port_forward_that_cannot_open_is_reported_and_closed(cluster, monkeypatch):

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, SWIFTCI, TINY, greedy_exact_match, read_json, swiftci, tiny_config, write_config
+from conftest import (ROOT, SWIFTCI, TINY, greedy_exact_match, read_json, swiftci, swiftci_in_process, tiny_config,
+                      write_config)
 from swiftci.data import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -60,7 +61,7 @@ def test_lineage_record(lora_run, tiny_model):
 def test_full_finetune_learns_the_task(tiny_model, tmp_path):
     cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(
         tiny_model, tmp_path / "out", train={"tuner": "full", "learning_rate": 1e-3, "merge": False}))
-    swiftci("train", "-c", str(cfg), check=0)
+    swiftci_in_process("train", "-c", str(cfg), check=0)
     out = tmp_path / "out" / "train"
     report = read_json(out / "train_report.json")
     assert report["outputs"] == {"model": "model"} and not (out / "adapter").exists()
@@ -69,14 +70,21 @@ def test_full_finetune_learns_the_task(tiny_model, tmp_path):
 
 
 def _resume_config(tiny_model, work):
-    return write_config(work / "swiftci.yaml", tiny_config(
-        tiny_model, work / "out", train={"max_steps": 250, "save_steps": 100, "logging_steps": 10, "merge": False}))
+    """512 training rows: 32 steps per epoch, checkpoints at 20 and 40, the run ends at 50."""
+    rows = (TINY / "data/train.jsonl").read_text().splitlines()[:512]
+    (work / "train.jsonl").parent.mkdir(parents=True, exist_ok=True)
+    (work / "train.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(tiny_model, work / "out", train={"max_steps": 50, "save_steps": 20, "logging_steps": 5,
+                                                       "merge": False})
+    cfg["data"]["train"] = str(work / "train.jsonl")
+    return write_config(work / "swiftci.yaml", cfg)
 
 
 def test_killed_run_resumes_to_the_same_loss(tiny_model, tmp_path):
-    """Kill a run after its second checkpoint (inside epoch 2), resume it, and compare with an uninterrupted run."""
+    """Kill a run after its second checkpoint (step 40, inside epoch 2 of 32 steps), resume it, and compare with an
+    uninterrupted run. The killed run is a real process; the other two run the CLI in this process."""
     straight = _resume_config(tiny_model, tmp_path / "straight")
-    swiftci("train", "-c", str(straight), check=0)
+    assert swiftci_in_process("train", "-c", str(straight)).returncode == 0
     expected = read_json(tmp_path / "straight/out/train/train_report.json")["metrics"]
 
     cfg = _resume_config(tiny_model, tmp_path / "killed")
@@ -84,7 +92,7 @@ def test_killed_run_resumes_to_the_same_loss(tiny_model, tmp_path):
     proc = subprocess.Popen([*SWIFTCI, "train", "-c", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ}, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (out / "checkpoints/checkpoint-200/trainer_state.json").exists():
+    while not (out / "checkpoints/checkpoint-40/trainer_state.json").exists():
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -94,11 +102,12 @@ def test_killed_run_resumes_to_the_same_loss(tiny_model, tmp_path):
     assert killed_report["status"] == "running", "a killed run must not leave a report that says ok"
     assert not (out / "adapter").exists()
 
-    resumed = swiftci("train", "-c", str(cfg), "--resume", check=0)
+    resumed = swiftci_in_process("train", "-c", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout + resumed.stderr
     got = read_json(out / "train_report.json")["metrics"]
-    assert got["resumed_from_step"] == 200
-    assert got["steps"] == expected["steps"] == 250
+    assert got["resumed_from_step"] == 40
+    assert got["steps"] == expected["steps"] == 50
     assert got["train_loss_last"] == pytest.approx(expected["train_loss_last"], abs=1e-5)
     assert got["tokens"] == expected["tokens"]
     straight_log = [json.loads(x) for x in (tmp_path / "straight/out/train/loss.jsonl").read_text().splitlines()]
@@ -109,11 +118,11 @@ def test_killed_run_resumes_to_the_same_loss(tiny_model, tmp_path):
 
 def test_resume_refuses_a_changed_config(tiny_model, tmp_path):
     cfg = _resume_config(tiny_model, tmp_path)
-    swiftci("train", "-c", str(cfg), "--set", "train.max_steps=100", check=0)
-    proc = swiftci("train", "-c", str(cfg), "--set", "train.max_steps=100", "--set", "train.learning_rate=1e-2",
-                   "--resume")
+    assert swiftci_in_process("train", "-c", str(cfg), "--set", "train.max_steps=30").returncode == 0
+    proc = swiftci_in_process("train", "-c", str(cfg), "--set", "train.max_steps=30", "--set",
+                              "train.learning_rate=1e-2", "--resume")
     assert proc.returncode == 2
-    assert "changed since checkpoint-100" in proc.stderr
+    assert "changed since checkpoint-30" in proc.stderr
 
 
 def test_local_model_never_calls_the_hub(tiny_model, tmp_path, httpserver):
@@ -135,7 +144,7 @@ def test_alpaca_rows_train(tiny_model, tmp_path):
                               + "\n" for m in rows))
     cfg = tiny_config(tiny_model, tmp_path / "out", train={"max_steps": 4, "merge": False})
     cfg["data"] = {"train": str(alpaca), "format": "auto"}
-    swiftci("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)), check=0)
+    swiftci_in_process("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)), check=0)
     run = read_json(tmp_path / "out/train/run.json")
     assert run["data"]["train"]["format"] == "alpaca" and run["data"]["train"]["rows_used"] == 64
 
@@ -146,7 +155,7 @@ def test_bad_data_row_is_a_usage_error(tiny_model, tmp_path):
                    "{not json\n")
     cfg = tiny_config(tiny_model, tmp_path / "out")
     cfg["data"] = {"train": str(bad)}
-    proc = swiftci("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
+    proc = swiftci_in_process("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
     assert proc.returncode == 2
     assert "bad.jsonl:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
     assert read_json(tmp_path / "out/train/train_report.json")["status"] == "failed"

@@ -190,7 +190,8 @@ class Cluster:
             raise UsageError("deploy.target: kubernetes needs the kubernetes client: pip install 'swiftci[deploy]'") \
                 from None
         try:
-            config.load_kube_config(context=context)
+            # KUBECONFIG read now: the client reads it once, when it is imported
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context)
         except Exception as kube_error:  # noqa: BLE001
             # the pod's own service account only when nothing else was asked for: a requested context or
             # kubeconfig that fails to load must never silently deploy into the runner's own cluster
