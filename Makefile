@@ -70,14 +70,16 @@ test-fast: setup
 # The drift check: the newest releases pyproject.toml's ranges admit (torch held by constraints.txt), in their own
 # venv, then the whole suite. Run weekly by CI; when it fails, the lock still passes and the log says what moved.
 LATEST := .venv-latest
+# name==version lines with names as PEP 503 normalizes them (pip freeze and the lock spell some differently)
+CANONICAL := awk -F'==' '{n=tolower($$1); gsub(/[-_.]+/, "-", n); print n "==" $$2}' | sort
 test-latest: system-deps $(TINY)/base-model/config.json
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade -c constraints.txt -e '.[$(EXTRAS)]'
-	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
-	@echo "== what moved against $(LOCK):"; \
-	  grep -E '^[A-Za-z0-9]' $(LOCK) | sed 's/ .*//' | sort > $(LATEST)/locked.txt; \
-	  sort $(LATEST)/versions.txt | diff $(LATEST)/locked.txt - | grep '^[<>]' || echo "nothing"
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | $(CANONICAL) > $(LATEST)/versions.txt
+	grep -E '^[A-Za-z0-9]' $(LOCK) | sed 's/ .*//' | $(CANONICAL) > $(LATEST)/locked.txt
+	@echo "== what moved against $(LOCK) (< locked, > newest):"; \
+	  diff $(LATEST)/locked.txt $(LATEST)/versions.txt | grep '^[<>]' || echo "nothing"
 	$(LATEST)/bin/python -m pytest -q --durations=15
 
 bench: setup
