@@ -13,6 +13,7 @@ import click
 
 from swiftci import __version__
 from swiftci.errors import EXIT_STAGE_FAILED, ConfigError, SwiftCIError
+from swiftci.stages import NAMES as STAGE_NAMES
 
 _LOCATED = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+): (?P<msg>.*)$")
 
@@ -69,14 +70,14 @@ def _config_options(fn):
 
 def _run_one(cfg, stage: str, *, show_report: bool = True, **options) -> dict:
     """One stage with notifications; its markdown report is printed even when it fails."""
-    from swiftci import ghactions, pipeline
+    from swiftci import pipeline, stages
 
     try:
         with pipeline.notifications(cfg) as notifier:
             report = pipeline.run_stage(cfg, stage, notifier, **options)
             pipeline.stage_finished(cfg, stage, report, notifier)
     finally:
-        md = ghactions.stage_summary(cfg, stage) if show_report else None
+        md = stages.summary(cfg, stage) if show_report else None
         if md:
             click.echo(md)
     return report
@@ -84,12 +85,9 @@ def _run_one(cfg, stage: str, *, show_report: bool = True, **options) -> dict:
 
 def _live_answer(cfg) -> str | None:
     """The first smoke answer of a deploy, as the demo's last line: the model speaking through the live endpoint."""
-    from swiftci import reports
+    from swiftci import stages
 
-    path = cfg.stage_dir("deploy") / "deploy_report.json"
-    if not path.is_file():
-        return None
-    results = (reports.read_json(path).get("smoke") or {}).get("results") or []
+    results = ((stages.read_report(cfg, "deploy") or {}).get("smoke") or {}).get("results") or []
     if not results or results[0].get("answer") is None:
         return None
     return f"model answer from the live endpoint: {results[0]['prompt']!r} → {results[0]['answer']!r}"
@@ -127,11 +125,10 @@ def main() -> None:
 @_errors_to_exit_codes
 def validate(config_path: str, overrides: tuple[str, ...]) -> None:
     """Check the config and the files it points to (no GPU needed, nothing is loaded)."""
-    from swiftci import pipeline
+    from swiftci import stages
 
     cfg = _load(config_path, overrides)
-    stages = pipeline.configured_stages(cfg)
-    click.echo(f"{config_path}: ok (stages: {', '.join(stages) or 'none'})")
+    click.echo(f"{config_path}: ok (stages: {', '.join(stages.configured(cfg)) or 'none'})")
 
 
 @main.command()
@@ -205,14 +202,14 @@ def deploy(config_path: str, overrides: tuple[str, ...], dry_run: bool, rollback
 @_errors_to_exit_codes
 def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Run every configured stage in order, stopping at the first failure."""
-    from swiftci import ghactions, pipeline
+    from swiftci import pipeline, stages
 
     cfg = _load(config_path, overrides)
     try:
         pipeline.run(cfg, resume=resume, say=lambda s: click.echo(s, err=True))
     finally:  # what each stage concluded, as people read it (the job summary in GitHub Actions)
-        for stage in pipeline.configured_stages(cfg):
-            md = ghactions.stage_summary(cfg, stage)
+        for stage in stages.configured(cfg):
+            md = stages.summary(cfg, stage)
             if md:
                 click.echo(md)
         answer = _live_answer(cfg)
@@ -221,18 +218,18 @@ def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(["train", "evaluate", "quantize", "deploy"]))
+@click.argument("stage", type=click.Choice(STAGE_NAMES))
 @_config_options
 @click.option("--summary/--no-summary", default=True, show_default=True,
               help="Also append the stage's markdown report to the job summary ($GITHUB_STEP_SUMMARY).")
 @_errors_to_exit_codes
 def outputs(stage: str, config_path: str, overrides: tuple[str, ...], summary: bool) -> None:
     """Write a stage's report as GitHub Actions step outputs (model-path, report-path, passed, metrics, run-id)."""
-    from swiftci import ghactions
+    from swiftci import ghactions, stages
 
     cfg = _load(config_path, overrides)
     ghactions.set_outputs(ghactions.stage_outputs(cfg, stage))
-    md = ghactions.stage_summary(cfg, stage)
+    md = stages.summary(cfg, stage)
     if summary and md:
         ghactions.append_summary(md)
 

@@ -15,18 +15,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftci import ghactions, reports, runinfo
+from swiftci import ghactions, reports, runinfo, stages
 from swiftci.config import Config
 from swiftci.errors import StageError, UsageError
 from swiftci.notify import Redactor
 
 GITHUB_LIMIT = 65536
 TRUNCATE_AT = 60000
-STAGES = ("train", "evaluate", "quantize", "deploy")
-ICONS = {"ok": "✅", "passed": "✅", "deployed": "✅", "unchanged": "✅", "served": "✅", "dry_run": "✅",
-         "rolled_back_by_request": "✅", "failed": "❌", "error": "❌", "rolled_back": "❌", "canary_aborted": "❌",
-         "running": "⏳", "pending": "⏳", "skipped": "skipped", "missing": "⚠️ no report"}
-FAILED = ("failed", "error", "rolled_back", "canary_aborted")
+PASSED = {status for stage in stages.STAGES for status in stage.passed}
+FAILED = {status for stage in stages.STAGES for status in stage.failed}
+ICONS = {**{s: "✅" for s in PASSED}, **{s: "❌" for s in FAILED}, stages.RUNNING: "⏳", "pending": "⏳",
+         "skipped": "skipped", "missing": "⚠️ no report"}
 MAX_RATE_LIMIT_WAIT = 60
 
 
@@ -50,14 +49,9 @@ def stage_states(cfg: Config, final: bool) -> dict[str, tuple[str, dict | None]]
     """stage -> (state, report). A configured stage without a report of THIS run (its run id is the train stage's)
     is pending while the run goes on; once it is over, `missing` — except deploy, which pull requests never run."""
     states: dict[str, tuple[str, dict | None]] = {}
-    run_id = None
-    for stage in STAGES:
-        path = cfg.stage_dir(stage) / ghactions.STAGE_REPORTS[stage][0]
-        report = reports.read_json(path) if getattr(cfg, stage, None) is not None and path.is_file() else None
-        if stage == "train" and report is not None:
-            run_id = report.get("run_id")
-        elif report is not None and run_id and report.get("run_id") not in (None, run_id):
-            report = None  # left over from an earlier run in the same folder: not this run's result
+    for stage in stages.NAMES:
+        # a report left over from an earlier run in the same folder is not this run's result
+        report = stages.this_runs_report(cfg, stage) if getattr(cfg, stage, None) is not None else None
         if getattr(cfg, stage, None) is None:
             states[stage] = ("skipped", None)
         elif report is not None:
@@ -85,7 +79,7 @@ def _detail(stage: str, report: dict | None) -> str:
     m = report.get("metrics") or {}
     if stage == "train":
         if report.get("status") != "ok":
-            return str((report.get("error") or {}).get("reason", ""))
+            return stages.failure_reason(report)
         first, last = m.get("train_loss_first"), m.get("train_loss_last")
         loss = f"loss {first:.4g} → {last:.4g}" if first is not None and last is not None else ""
         tps = f"{m['tokens_per_second']:,.0f} tok/s" if m.get("tokens_per_second") else ""
@@ -93,7 +87,7 @@ def _detail(stage: str, report: dict | None) -> str:
     if stage == "evaluate":
         gates = report.get("gates") or []
         if report.get("status") == "error":
-            return f"could not run: {report.get('error')}"
+            return f"could not run: {stages.failure_reason(report)}"
         return f"{sum(g['passed'] for g in gates)}/{len(gates)} gates passed" if gates else "no gates"
     if stage == "quantize":
         parts = []
@@ -101,7 +95,7 @@ def _detail(stage: str, report: dict | None) -> str:
             parts.append(f"size ×{m['size_ratio']:.2f}")
         if m.get("perplexity_increase_pct") is not None:
             parts.append(f"perplexity {m['perplexity_increase_pct']:+.2f}%")
-        return " · ".join(parts) or str(report.get("reason") or "")
+        return " · ".join(parts) or stages.failure_reason(report)
     if stage == "deploy":
         rollout = report.get("rollout") if isinstance(report.get("rollout"), dict) else {}
         smoke = report.get("smoke") or {}
@@ -110,7 +104,7 @@ def _detail(stage: str, report: dict | None) -> str:
                  f"canary {report['canary'].get('result')}" if report.get("canary") else "",
                  (f"smoke {sum(r['passed'] for r in smoke['results'])}/{len(smoke['results'])}"
                   if smoke.get("results") else ""),
-                 str(report.get("reason") or "")]
+                 stages.failure_reason(report)]
         return " · ".join(p for p in parts if p)
     return ""
 
@@ -127,8 +121,8 @@ def build_body(cfg: Config, *, final: bool) -> str:
              "| stage | status | details |", "|---|:-:|---|"]
     for stage, (state, report) in states.items():
         lines.append(f"| {stage} | {ICONS.get(state, state)} | {_cell(_detail(stage, report), redact)} |")
-    for stage in ("evaluate", "quantize", "deploy"):
-        summary = ghactions.stage_summary(cfg, stage)
+    for stage in stages.NAMES[1:]:
+        summary = stages.summary(cfg, stage)
         if summary and states[stage][1] is not None:
             lines += ["", summary.strip()]
     records = reports.read_jsonl(cfg.stage_dir("train") / "loss.jsonl")

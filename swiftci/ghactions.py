@@ -8,16 +8,9 @@ import os
 import secrets
 from pathlib import Path
 
-from swiftci import reports
+from swiftci import stages
 from swiftci.config import Config
-
-STAGE_REPORTS = {
-    "train": ("train_report.json", "train_report.md"),
-    "evaluate": ("eval_report.json", "eval_report.md"),
-    "quantize": ("quantize_report.json", "quantize_report.md"),
-    "deploy": ("deploy_report.json", "deploy_report.md"),
-}
-
+from swiftci.errors import StageError
 
 def in_actions() -> bool:
     return os.environ.get("GITHUB_ACTIONS") == "true"
@@ -78,48 +71,37 @@ def append_summary(markdown: str) -> bool:
 
 def stage_outputs(cfg: Config, stage: str) -> dict[str, str]:
     """The documented action outputs of a stage, read from its report (an absent report gives status `missing`)."""
-    from swiftci.pipeline import configured_stages
-
-    out_dir = cfg.stage_dir(stage)
-    report_path = out_dir / STAGE_REPORTS[stage][0]
-    stages = ",".join(configured_stages(cfg))
-    if not report_path.is_file():
-        return {"status": "missing", "report-path": str(report_path), "passed": "false", "metrics": "{}",
-                "model-path": "", "run-id": "", "output-dir": str(cfg.output_path), "stages": stages}
-    report = reports.read_json(report_path)
+    report_path = stages.report_path(cfg, stage)
+    common = {"report-path": str(report_path), "output-dir": str(cfg.output_path),
+              "stages": ",".join(stages.configured(cfg))}
+    report = stages.read_report(cfg, stage)
+    if report is None:
+        return {"status": "missing", "passed": "false", "metrics": "{}", "model-path": "", "run-id": "", **common}
     status = report.get("status", "unknown")
-    model_path = ""
-    if stage == "train":
-        outputs = report.get("outputs") or {}
-        chosen = outputs.get("model") or outputs.get("adapter")
-        model_path = str(out_dir / chosen) if chosen else ""
-        passed = status == "ok"
-    elif stage == "evaluate":
-        model = (report.get("model") or {}).get("path")
-        model_path = str(cfg.resolve(model)) if model and (cfg.resolve(model)).exists() else (model or "")
-        passed = bool(report.get("passed"))
-    elif stage == "deploy":
-        passed = status in ("deployed", "unchanged", "served", "dry_run", "rolled_back_by_request")
-    else:
-        model_path = str(out_dir / report["model_dir"]) if report.get("model_dir") else ""
-        passed = bool(report.get("passed", status in ("ok", "passed")))
-    extra = {}
-    if stage == "deploy":
-        image = report.get("image") or {}
-        extra = {"image-digest": image.get("digest") or report.get("image_digest") or "",
-                 "image-ref": image.get("ref") or ""}
-    return {**extra,
+    outputs = {
         "status": status,
-        "passed": "true" if passed else "false",
-        "report-path": str(report_path),
-        "model-path": model_path,
+        "passed": "true" if status in stages.get(stage).passed else "false",
+        "model-path": _model_path(cfg, stage, report),
         "run-id": report.get("run_id") or "",
         "metrics": json.dumps(report.get("metrics") or {}, separators=(",", ":"), sort_keys=True),
-        "output-dir": str(cfg.output_path),
-        "stages": stages,
+        **common,
     }
+    if stage == "deploy":
+        image = report.get("image") or {}
+        outputs.update({"image-digest": image.get("digest") or report.get("image_digest") or "",
+                        "image-ref": image.get("ref") or ""})
+    return outputs
 
 
-def stage_summary(cfg: Config, stage: str) -> str | None:
-    md = cfg.stage_dir(stage) / STAGE_REPORTS[stage][1]
-    return md.read_text(encoding="utf-8") if md.is_file() else None
+def _model_path(cfg: Config, stage: str, report: dict) -> str:
+    """The model a stage handed on (train: the merged or full model, else the adapter; quantize: the quantized
+    model), or the one it evaluated; "" when there is none."""
+    if stage == "evaluate":
+        model = (report.get("model") or {}).get("path")
+        return str(cfg.resolve(model)) if model and cfg.resolve(model).exists() else (model or "")
+    if stage in ("train", "quantize"):
+        try:
+            return str(stages.produced(cfg, stage).path)
+        except StageError:
+            return ""
+    return ""

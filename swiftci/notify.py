@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swiftci import reports, runinfo
+from swiftci import reports, runinfo, stages
 from swiftci.config import Config, NotifyConfig
 
 CLOSE_BUDGET_SECONDS = 3.0
@@ -321,7 +321,7 @@ class Notifier:
             return
         api = slack.api_url.rstrip("/")
         headers = {"Authorization": f"Bearer {slack.token}"}
-        run_id = runinfo.train_run_id(self.cfg.stage_dir("train"))  # written before the first message
+        run_id = stages.train_run_id(self.cfg)  # written before the first message
         state = self._slack_state(run_id)
         if state is None:  # the run's one message
             data = self._slack_call(f"{api}/chat.postMessage", headers, {"channel": slack.channel, **payload})
@@ -370,23 +370,6 @@ def null_notifier(cfg: Config) -> Notifier:
 # --- messages from reports -----------------------------------------------------------------------------------------
 
 
-FIXES = {
-    "Diverged": "lower `train.learning_rate` (try 10× lower), raise `train.warmup_ratio`, keep "
-                "`train.max_grad_norm` at 1.0, use bf16 rather than fp16, and check the data for broken rows",
-    "OutOfMemory": "lower `train.batch_size` and raise `train.gradient_accumulation`, set "
-                   "`train.gradient_checkpointing: true`, lower `train.max_length`, or use `train.tuner: qlora`",
-    "Stalled": "no optimizer step for `train.watchdog.stall_minutes`: check the data loader, the file system and "
-               "multi-GPU communication; raise `stall_minutes` if steps are legitimately that slow",
-    "GateFailed": "the model got worse than the gates allow: read the eval report, compare data and "
-                  "hyperparameters with the last passing run",
-    "ConfigError": "fix swiftci.yaml as the messages say (`swiftci validate` shows every problem)",
-}
-
-
-def fix_for(kind: str) -> str:
-    return FIXES.get(kind, "read the job log and the stage report; rerun with the same config to reproduce")
-
-
 def run_fields(cfg: Config, run_id: str | None) -> list[tuple[str, str]]:
     fields = [("run", f"`{run_id}`" if run_id else "—"), ("model", Path(cfg.model.id).name if
                                                            cfg.model_local_path else cfg.model.id)]
@@ -397,10 +380,11 @@ def run_fields(cfg: Config, run_id: str | None) -> list[tuple[str, str]]:
     return fields
 
 
-def failure_message(cfg: Config, stage: str, run_id: str | None, kind: str, reason: str) -> Message:
+def failure_message(cfg: Config, stage: str, run_id: str | None, error: dict) -> Message:
+    """`error` is a report's failure (`stages.error`): what went wrong and how to fix it."""
     return Message("failure", f"{cfg.name}: {stage} failed",
-                   text=f"*Why:* {reason}\n*Try:* {fix_for(kind)}",
-                   fields=run_fields(cfg, run_id) + [("stage", stage), ("kind", kind)])
+                   text=f"*Why:* {error['reason']}\n*Try:* {error['hint']}",
+                   fields=run_fields(cfg, run_id) + [("stage", stage), ("kind", error["kind"])])
 
 
 def finish_message(cfg: Config, done: dict[str, dict]) -> Message:

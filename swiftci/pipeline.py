@@ -7,16 +7,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from swiftci import runinfo
+from swiftci import stages
 from swiftci.config import Config
 from swiftci.errors import SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, finish_message
-
-STAGES = ("train", "evaluate", "quantize", "deploy")
-
-
-def configured_stages(cfg: Config) -> list[str]:
-    return [s for s in STAGES if getattr(cfg, s, None) is not None]
 
 
 @contextmanager
@@ -27,16 +21,6 @@ def notifications(cfg: Config) -> Iterator[Notifier]:
         yield notifier
     finally:
         notifier.close()
-
-
-def _clear_reports(cfg: Config, stages: list[str]) -> None:
-    """A run starts without the reports of an earlier one: a stage that stops early must not leave its last
-    run's verdict standing for the comment or for deploy. Models and checkpoints stay (resume needs them)."""
-    from swiftci.ghactions import STAGE_REPORTS
-
-    for stage in stages:
-        for name in STAGE_REPORTS[stage]:
-            (cfg.stage_dir(stage) / name).unlink(missing_ok=True)
 
 
 def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> dict:
@@ -60,7 +44,7 @@ def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> di
             return deploy.run(cfg, **options)
         raise UsageError(f"unknown stage {stage!r}")
     except SwiftCIError as e:
-        notifier.failure(failure_message(cfg, stage, runinfo.train_run_id(cfg.stage_dir("train")), e.kind, str(e)))
+        notifier.failure(failure_message(cfg, stage, stages.train_run_id(cfg), stages.error_of(e)))
         raise
 
 
@@ -75,13 +59,13 @@ def stage_finished(cfg: Config, stage: str, report: dict, notifier: Notifier) ->
 
 def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every configured stage; return their reports. Raises the failing stage's error."""
-    stages = configured_stages(cfg)
-    if not stages:
+    names = stages.configured(cfg)
+    if not names:
         raise UsageError(f"{cfg.source}: no stage configured; add a `train` section")
-    _clear_reports(cfg, stages)
+    stages.clear(cfg, names)
     done: dict[str, dict] = {}
     with notifications(cfg) as notifier:
-        for stage in stages:
+        for stage in names:
             say(f"==> {stage}")
             options = {"resume": resume} if stage == "train" else {}
             try:
@@ -90,7 +74,7 @@ def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print
                 say(f"==> {stage} failed; its report: {cfg.stage_dir(stage)}")
                 raise
             say(f"==> {stage}: {done[stage]['status']} — outputs in {cfg.stage_dir(stage)}")
-            if stage != stages[-1]:
+            if stage != names[-1]:
                 notifier.stage(Message("stage", f"{cfg.name}: {stage} {done[stage]['status']}"))
         notifier.finish(finish_message(cfg, done))
     return done

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: every failure is `error: {kind, reason, hint}` (see swiftci/stages.py)
 
 
 def write_text(path: Path, text: str) -> Path:

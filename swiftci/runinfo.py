@@ -49,15 +49,3 @@ def run_url() -> str | None:
     """Link to the GitHub Actions run, when running in one."""
     server, repo, rid = (os.environ.get(k) for k in ("GITHUB_SERVER_URL", "GITHUB_REPOSITORY", "GITHUB_RUN_ID"))
     return f"{server}/{repo}/actions/runs/{rid}" if server and repo and rid else None
-
-
-def train_run_id(stage_dir: Path) -> str | None:
-    """The run id in a train stage folder's report: every later stage, the notifier and the comment name the run by
-    it. None when there is no readable report (yet)."""
-    from swiftci import reports
-
-    try:
-        run_id = reports.read_json(Path(stage_dir) / "train_report.json").get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return run_id if isinstance(run_id, str) and run_id else None
