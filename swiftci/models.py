@@ -7,7 +7,6 @@ break a run on a local path. Hub models are loaded at `model.revision`, and the 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,25 @@ from typing import Any
 from swiftci.errors import StageError
 
 ADAPTER_CONFIG = "adapter_config.json"
+# Files that hold weights: an image puts them in their own layers, quantize compares their sizes.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def compute_dtype(precision: str = "auto") -> tuple[str, Any]:
+    """(name, torch dtype) for `train.precision`-style settings. `auto`, the one policy every stage follows:
+    bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPU."""
+    import torch
+
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+        return "fp32", torch.float32
+    return precision, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """Bytes of a model folder's weight files."""
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
 @contextmanager
@@ -96,10 +114,6 @@ def folder_sha256(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
 def merge_adapter(base_model: Any, adapter_dir: Path, out_dir: Path, tokenizer: Any) -> None:

@@ -8,7 +8,7 @@ Outputs in `<output_dir>/train/`:
   loss.jsonl          one line per logging step
   run.json            lineage: config hash, data sha256 and row counts, base model revision or content hash,
                       git commit, seed, package versions, owner
-  train_report.json   {"version": 1, "stage": "train", "status", "run_id", "metrics", "outputs"}
+  train_report.json   {"version": 2, "stage": "train", "status", "run_id", "metrics", "outputs"}
   train_report.md     the same for people: metrics table and the loss curve (a mermaid chart)
 
 The report is written first with status "running" and replaced at the end, so a crash or a kill never leaves a
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _thread
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -28,18 +29,17 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, reports, runinfo
+from swiftci import models, reports, runinfo, stages
 from swiftci.config import Config
 from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
 
 STAGE = "train"
-REPORT = "train_report.json"
-MARKDOWN = "train_report.md"
 RUN_MARKER = "swiftci-run.json"  # in checkpoints/: run id and config hash, so --resume refuses a changed config
 LOGGED_PACKAGES = ("swiftci", "torch", "transformers", "peft", "trl", "accelerate", "tokenizers", "bitsandbytes")
 OOM_TIPS = ("lower `train.batch_size` and raise `train.gradient_accumulation` to keep the effective batch, "
@@ -69,68 +69,105 @@ def check_runnable(cfg: Config) -> None:
             raise UsageError("train.tuner: qlora needs bitsandbytes: pip install 'swiftci[train]'") from None
 
 
+@dataclass
+class Job:
+    """One training run: where it writes, which run it is, where it resumes from, who hears about it."""
+
+    cfg: Config
+    out: Path
+    run_id: str
+    last_checkpoint: Path | None
+    notifier: Notifier
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
 def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) -> dict:
     check_runnable(cfg)
-    notifier = notifier or null_notifier(cfg)
     out = cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
-    fingerprint = _train_fingerprint(cfg)
-    run_id, last_ckpt = _resume_point(cfg, ckpt_dir, fingerprint, resume)
-    started = time.monotonic()
-    reports.write_json(out / REPORT, reports.new_report(STAGE, "running", run_id=run_id))
-    reports.write_text(out / MARKDOWN, render_markdown(reports.new_report(STAGE, "running", run_id=run_id), []))
-
-    def hard_stall() -> None:  # the main thread did not respond to the interrupt: report, notify, exit 3
-        reason = _stall_reason(cfg)
-        _fail(out, run_id, started, reason, "Stalled")
-        notifier.failure(failure_message(cfg, STAGE, run_id, "Stalled", reason))
-        notifier.close()
-
-    stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, hard_stall)
+    run_id, last_checkpoint = _resume_point(cfg, out / "checkpoints", resume)
+    job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg))
+    _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
+    stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, lambda: _hard_stall(job))
     try:
-        report = _train(cfg, out, ckpt_dir, run_id, last_ckpt, started, notifier, stall)
+        return _train(job, stall)
     except Diverged as e:
-        suspects = _quarantine(ckpt_dir, e.last_good_step)
-        good = _last_checkpoint(ckpt_dir)
-        _fail(out, run_id, started, str(e), "Diverged", step=e.step,
-              last_good_checkpoint=good.name if good else None, quarantined=suspects)
+        suspects = _quarantine(job.checkpoints, e.last_good_step)
+        good = _last_checkpoint(job.checkpoints)
+        _fail(job, e, step=e.step, last_good_checkpoint=good.name if good else None, quarantined=suspects)
         raise
     except SwiftCIError as e:
-        _fail(out, run_id, started, str(e), e.kind)
+        _fail(job, e)
         raise
     except KeyboardInterrupt:
         if not stall.stalled:
-            _fail(out, run_id, started, "interrupted", "Interrupted")
+            _fail(job, StageError("interrupted", kind="Interrupted"))
             raise
-        reason = _stall_reason(cfg)
-        _fail(out, run_id, started, reason, "Stalled")
-        raise StageError(reason, kind="Stalled") from None
+        raise _fail(job, StageError(_stall_reason(cfg), kind="Stalled")) from None
     except MemoryError:
-        _fail(out, run_id, started, "out of memory (host RAM)", "OutOfMemory")
-        raise StageError(f"training ran out of host memory; {OOM_TIPS}", kind="OutOfMemory") from None
-    except Exception as e:
+        raise _fail(job, StageError(f"training ran out of host memory; {OOM_TIPS}", kind="OutOfMemory")) from None
+    except Exception as e:  # recorded in the report, then raised as a stage failure
         if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            _fail(out, run_id, started, "CUDA out of memory", "OutOfMemory")
-            raise StageError(f"training ran out of GPU memory; {OOM_TIPS}", kind="OutOfMemory") from None
-        _fail(out, run_id, started, f"{type(e).__name__}: {e}", type(e).__name__)
-        raise StageError(f"training failed: {type(e).__name__}: {e}") from e
+            raise _fail(job, StageError(f"training ran out of GPU memory; {OOM_TIPS}", kind="OutOfMemory")) from None
+        raise _fail(job, StageError(f"training failed: {type(e).__name__}: {e}")) from e
     finally:
         stall.stop()
+
+
+def _train(job: Job, stall: StallWatchdog) -> dict:
+    """Data → model → trainer → train → save → lineage → report."""
+    from transformers import set_seed
+
+    cfg, tc = job.cfg, job.cfg.train
+    _quiet_libraries()
+    set_seed(tc.seed)
+    precision, dtype = models.compute_dtype(tc.precision)
+    tokenizer = models.load_tokenizer(cfg.model.id, cfg.model.revision, cfg.model_local_path)
+    data = _load_data(cfg, tokenizer)
+    model, base_record = _load_model(cfg, dtype)
+    model = _add_adapters(cfg, model)
+    trainer, progress = _make_trainer(job, model, tokenizer, data, precision, stall)
+    fit = _fit(trainer, job.last_checkpoint)
+    validation_loss = trainer.evaluate(eval_dataset=data.validation)["eval_loss"] if data.validation else None
+    outputs = _save(cfg, job.out, trainer, tokenizer, dtype)
+    metrics = _metrics(job, trainer, fit, progress.records, validation_loss)
+    reports.write_json(job.out / "run.json", _lineage(job, base_record, data.record, precision, outputs))
+    report = reports.new_report(STAGE, "ok", run_id=job.run_id, method=tc.method, tuner=tc.tuner,
+                                base_model=cfg.model.id, metrics=metrics, outputs=outputs,
+                                loss_log="loss.jsonl", lineage="run.json")
+    if plot_loss(job.out, job.run_id) is not None:
+        report["loss_plot"] = "loss.png"
+    _write(job, report, progress.records)
     return report
+
+
+# --- failures ----------------------------------------------------------------------------------------------------
+
+
+def _fail(job: Job, e: SwiftCIError, **extra: Any) -> SwiftCIError:
+    """Replace the running report with a failed one (what went wrong, the fix); returns the error to raise."""
+    report = reports.new_report(STAGE, "failed", run_id=job.run_id,
+                                error=stages.error(str(e), e.kind, e.hint, **extra),
+                                metrics={"wall_seconds": round(time.monotonic() - job.started, 2)})
+    if plot_loss(job.out, job.run_id) is not None:
+        report["loss_plot"] = "loss.png"
+    _write(job, report, reports.read_jsonl(job.out / "loss.jsonl"))
+    return e
+
+
+def _hard_stall(job: Job) -> None:
+    """The main thread did not respond to the stall watchdog's interrupt: report and notify before it exits."""
+    error = _fail(job, StageError(_stall_reason(job.cfg), kind="Stalled"))
+    job.notifier.failure(failure_message(job.cfg, STAGE, job.run_id, stages.error_of(error)))
+    job.notifier.close()
 
 
 def _stall_reason(cfg: Config) -> str:
     return f"no optimizer step finished for {cfg.train.watchdog.stall_minutes:g} minutes (train.watchdog.stall_minutes)"
-
-
-def _fail(out: Path, run_id: str, started: float, reason: str, kind: str, **extra: Any) -> None:
-    report = reports.new_report(STAGE, "failed", run_id=run_id, error={"kind": kind, "reason": reason, **extra},
-                                metrics={"wall_seconds": round(time.monotonic() - started, 2)})
-    if plot_loss(out, run_id) is not None:
-        report["loss_plot"] = "loss.png"
-    reports.write_json(out / REPORT, report)
-    reports.write_text(out / MARKDOWN, render_markdown(report, reports.read_jsonl(out / "loss.jsonl")))
 
 
 def _quarantine(ckpt_dir: Path, last_good_step: int) -> list[str]:
@@ -185,15 +222,18 @@ class StallWatchdog:
                 return
 
 
+# --- resuming ----------------------------------------------------------------------------------------------------
+
+
 def _train_fingerprint(cfg: Config) -> str:
     """Hash of what decides the trained weights: model, data, train sections (not notifications or later stages)."""
-    import hashlib
-
     parts = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "data", "train")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _resume_point(cfg: Config, ckpt_dir: Path, fingerprint: str, resume: bool) -> tuple[str, Path | None]:
+def _resume_point(cfg: Config, ckpt_dir: Path, resume: bool) -> tuple[str, Path | None]:
+    """(run id, checkpoint to resume from). A fresh run clears the checkpoints of an earlier one."""
+    fingerprint = _train_fingerprint(cfg)
     marker = ckpt_dir / RUN_MARKER
     if resume and marker.is_file():
         saved = json.loads(marker.read_text())
@@ -222,82 +262,85 @@ def _last_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _precision(tc_precision: str) -> tuple[str, Any]:
-    import torch
-
-    if tc_precision == "auto":
-        if torch.cuda.is_available():
-            return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
-        return "fp32", torch.float32
-    return tc_precision, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc_precision]
+# --- data and model ----------------------------------------------------------------------------------------------
 
 
-def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path | None, started: float,
-           notifier: Notifier, stall: StallWatchdog) -> dict:
-    import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-    from transformers import logging as hf_logging
-    from transformers.trainer_pt_utils import get_length_grouped_indices
+@dataclass
+class TrainData:
+    train: list[dict]  # {input_ids, labels}
+    validation: list[dict] | None
+    record: dict  # for run.json: each file's hash, format and row counts
 
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
-    hf_logging.disable_progress_bar()
+
+def _load_data(cfg: Config, tokenizer: Any) -> TrainData:
     tc = cfg.train
-    set_seed(tc.seed)
-    local = cfg.model_local_path
-    precision, dtype = _precision(tc.precision)
-    on_cuda = torch.cuda.is_available()
-
-    # Data ------------------------------------------------------------------------------------------------------
-    tokenizer = models.load_tokenizer(cfg.model.id, cfg.model.revision, local)
     train_path = cfg.resolve(cfg.data.train)
     conversations, fmt = datalib.load_conversations(train_path, cfg.data.format)
     train_set, dropped = datalib.tokenize_sft(conversations, tokenizer, tc.max_length, train_path.name)
     if not train_set:
         raise UsageError(f"{train_path.name}: every row was truncated before its first assistant token; "
                          "raise train.max_length")
-    data_record = {"train": {"file": str(cfg.data.train), "sha256": datalib.sha256_file(train_path),
-                             "format": fmt, "rows": len(conversations), "rows_used": len(train_set),
-                             "rows_dropped_no_target_after_truncation": dropped}}
-    eval_set = None
+    record = {"train": {"file": str(cfg.data.train), "sha256": datalib.sha256_file(train_path), "format": fmt,
+                        "rows": len(conversations), "rows_used": len(train_set),
+                        "rows_dropped_no_target_after_truncation": dropped}}
+    validation = None
     if cfg.data.validation is not None:
         val_path = cfg.resolve(cfg.data.validation)
         val_convs, val_fmt = datalib.load_conversations(val_path, cfg.data.format)
-        eval_set, val_dropped = datalib.tokenize_sft(val_convs, tokenizer, tc.max_length, val_path.name)
-        data_record["validation"] = {"file": str(cfg.data.validation), "sha256": datalib.sha256_file(val_path),
-                                     "format": val_fmt, "rows": len(val_convs), "rows_used": len(eval_set)}
+        validation, _ = datalib.tokenize_sft(val_convs, tokenizer, tc.max_length, val_path.name)
+        record["validation"] = {"file": str(cfg.data.validation), "sha256": datalib.sha256_file(val_path),
+                                "format": val_fmt, "rows": len(val_convs), "rows_used": len(validation)}
+    return TrainData(train_set, validation, record)
 
-    # Model -----------------------------------------------------------------------------------------------------
+
+def _load_model(cfg: Config, dtype: Any) -> tuple[Any, dict]:
+    """The base model (4-bit for qlora) and its record for run.json (revision, or content hash of a folder)."""
+    import torch
+
+    tc, local = cfg.train, cfg.model_local_path
     extra: dict[str, Any] = {}
     if tc.tuner == "qlora":
         from transformers import BitsAndBytesConfig
 
         extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_quant_type=tc.qlora.quant_type,
+            bnb_4bit_use_double_quant=tc.qlora.double_quant, bnb_4bit_compute_dtype=dtype)
         extra["device_map"] = {"": torch.cuda.current_device()}
     # full fine-tuning keeps fp32 master weights under mixed precision; adapters train on a base in compute dtype
     load_dtype = torch.float32 if tc.tuner == "full" else dtype
     model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=load_dtype, **extra)
-    base_record = {"id": cfg.model.id, "revision_requested": cfg.model.revision}
+    record = {"id": cfg.model.id, "revision_requested": cfg.model.revision}
     if local is not None:
-        base_record["sha256"] = models.folder_sha256(local)
+        record["sha256"] = models.folder_sha256(local)
     else:
-        base_record["revision_resolved"] = models.resolved_revision(cfg.model.id, cfg.model.revision, model)
-    if tc.tuner in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        record["revision_resolved"] = models.resolved_revision(cfg.model.id, cfg.model.revision, model)
+    return model, record
 
-        if tc.tuner == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing)
-        target = tc.lora.target_modules
-        model = get_peft_model(model, LoraConfig(
-            r=tc.lora.rank, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
-            target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM"))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
 
-    # Trainer ---------------------------------------------------------------------------------------------------
-    args = TrainingArguments(
+def _add_adapters(cfg: Config, model: Any) -> Any:
+    """LoRA adapters on the frozen base (lora, qlora); the model itself for full fine-tuning."""
+    tc = cfg.train
+    if tc.tuner == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if tc.tuner == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing)
+    target = tc.lora.target_modules
+    return get_peft_model(model, LoraConfig(
+        r=tc.lora.rank, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+        target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM"))
+
+
+# --- the trainer -------------------------------------------------------------------------------------------------
+
+
+def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    tc = cfg.train
+    return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=tc.batch_size,
         per_device_eval_batch_size=tc.batch_size,
@@ -324,117 +367,241 @@ def _train(cfg: Config, out: Path, ckpt_dir: Path, run_id: str, last_ckpt: Path 
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
-        dataloader_pin_memory=on_cuda,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
     )
 
-    class LengthGroupedSampler(torch.utils.data.Sampler):
-        """Batches of similar lengths (less padding), reshuffled per epoch from `seed + epoch` so a resumed run
-        sees exactly the order an uninterrupted one would."""
 
-        def __init__(self, lengths: list[int], group: int, seed: int):
-            self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
+class LengthGroupedSampler:
+    """Batches of similar lengths (less padding), reshuffled per epoch from `seed + epoch` so a resumed run sees
+    exactly the order an uninterrupted one would. (A sampler is anything with __iter__ and __len__.)"""
 
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
+    def __init__(self, lengths: list[int], group: int, seed: int):
+        self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
 
-        def __len__(self) -> int:
-            return len(self.lengths)
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-        def __iter__(self):
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.group, generator=gen))
+    def __len__(self) -> int:
+        return len(self.lengths)
 
-    lengths = [len(x["input_ids"]) for x in train_set]
-    group = tc.batch_size * tc.gradient_accumulation
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    class SwiftTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset=None):
-            return LengthGroupedSampler(lengths, group, tc.seed)
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.group, generator=gen))
 
-    loss_path = out / "loss.jsonl"
-    history = _loss_history(loss_path, last_ckpt)
-    progress = _Progress(TrainerCallback, loss_path, history, cfg, run_id, notifier, stall)
-    trainer = SwiftTrainer(model=model, args=args, train_dataset=train_set, data_collator=datalib.PadCollator(
-        tokenizer.pad_token_id), processing_class=tokenizer, callbacks=[progress])
-    trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per logging step instead
-    if on_cuda:
+
+class _GroupedByLength:
+    """Mixed into transformers' Trainer (see `_make_trainer`): train batches come from `swiftci_sampler`."""
+
+    swiftci_sampler: LengthGroupedSampler
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.swiftci_sampler
+
+
+def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precision: str,
+                  stall: StallWatchdog) -> tuple[Any, Progress]:
+    from transformers import PrinterCallback, Trainer, TrainerCallback
+
+    tc = job.cfg.train
+    # classes built here because transformers is imported lazily: our methods first, the library's behind them
+    callback_class = type("SwiftProgress", (Progress, TrainerCallback), {})
+    trainer_class = type("SwiftTrainer", (_GroupedByLength, Trainer), {})
+    progress = callback_class(job, _loss_history(job.out / "loss.jsonl", job.last_checkpoint), stall)
+    trainer = trainer_class(model=model, args=_training_arguments(job.cfg, job.checkpoints, precision),
+                            train_dataset=data.train, data_collator=datalib.PadCollator(tokenizer.pad_token_id),
+                            processing_class=tokenizer, callbacks=[progress])
+    trainer.swiftci_sampler = LengthGroupedSampler([len(x["input_ids"]) for x in data.train],
+                                                   tc.batch_size * tc.gradient_accumulation, tc.seed)
+    trainer.remove_callback(PrinterCallback)  # Progress prints one line per logging step instead
+    return trainer, progress
+
+
+@dataclass
+class Fit:
+    seconds: float
+    tokens: int  # input tokens seen in this session (not before the checkpoint it resumed from)
+
+
+def _fit(trainer: Any, last_checkpoint: Path | None) -> Fit:
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    tokens_before = _tokens_seen(last_ckpt)
+    tokens_before = _tokens_seen(last_checkpoint)
     t0 = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(last_ckpt) if last_ckpt else None)
-    train_seconds = time.monotonic() - t0
-    state = trainer.state
-    session_tokens = state.num_input_tokens_seen - tokens_before
+    trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    return Fit(time.monotonic() - t0, trainer.state.num_input_tokens_seen - tokens_before)
 
-    validation_loss = None
-    if eval_set:
-        validation_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
 
-    # Outputs ---------------------------------------------------------------------------------------------------
-    outputs: dict[str, str] = {}
+# --- outputs -----------------------------------------------------------------------------------------------------
+
+
+def _save(cfg: Config, out: Path, trainer: Any, tokenizer: Any, dtype: Any) -> dict[str, str]:
+    """adapter/ (lora, qlora), model/ (full, or the adapter merged when train.merge); returns what was written."""
+    tc = cfg.train
     if tc.tuner == "full":
         _save_atomic(out / "model", lambda d: (trainer.model.save_pretrained(d), tokenizer.save_pretrained(d)))
-        outputs["model"] = "model"
+        return {"model": "model"}
+    _save_atomic(out / "adapter", lambda d: (trainer.model.save_pretrained(d), tokenizer.save_pretrained(d)))
+    if not tc.merge:
+        return {"adapter": "adapter"}
+    if tc.tuner == "qlora":  # never merge into 4-bit weights: reload the base in compute dtype
+        base = models.load_causal_lm(cfg.model.id, cfg.model.revision, cfg.model_local_path, dtype=dtype)
+        _save_atomic(out / "model", lambda d: models.merge_adapter(base, out / "adapter", d, tokenizer))
     else:
-        _save_atomic(out / "adapter", lambda d: (trainer.model.save_pretrained(d), tokenizer.save_pretrained(d)))
-        outputs["adapter"] = "adapter"
-        if tc.merge:
-            if tc.tuner == "qlora":  # never merge into 4-bit weights: reload the base in compute dtype
-                base = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=dtype)
-                _save_atomic(out / "model", lambda d: models.merge_adapter(base, out / "adapter", d, tokenizer))
-            else:
-                merged = trainer.model.merge_and_unload()
-                _save_atomic(out / "model", lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)))
-            outputs["model"] = "model"
+        merged = trainer.model.merge_and_unload()
+        _save_atomic(out / "model", lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)))
+    return {"adapter": "adapter", "model": "model"}
 
-    losses = [r["loss"] for r in progress.records]
-    if on_cuda:
+
+def _metrics(job: Job, trainer: Any, fit: Fit, records: list[dict], validation_loss: float | None) -> dict:
+    import torch
+
+    state, losses = trainer.state, [r["loss"] for r in records]
+    if torch.cuda.is_available():
         peak_mb, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
     else:
         peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_rss"
-    metrics = {
+    parameters = list(trainer.model.parameters())
+    return {
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "validation_loss": validation_loss,
         "steps": state.global_step,
         "epochs": round(state.epoch or 0, 4),
         "tokens": state.num_input_tokens_seen,
-        "tokens_per_second": round(session_tokens / train_seconds, 1) if train_seconds > 0 else None,
-        "train_seconds": round(train_seconds, 2),
-        "wall_seconds": round(time.monotonic() - started, 2),
+        "tokens_per_second": round(fit.tokens / fit.seconds, 1) if fit.seconds > 0 else None,
+        "train_seconds": round(fit.seconds, 2),
+        "wall_seconds": round(time.monotonic() - job.started, 2),
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": memory_kind,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "resumed_from_step": int(last_ckpt.name.split("-")[1]) if last_ckpt else None,
+        "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in parameters),
+        "resumed_from_step": int(job.last_checkpoint.name.split("-")[1]) if job.last_checkpoint else None,
     }
-    lineage = {
+
+
+def _lineage(job: Job, base_record: dict, data_record: dict, precision: str, outputs: dict) -> dict:
+    """run.json: how this model was made."""
+    import torch
+
+    cfg = job.cfg
+    on_cuda = torch.cuda.is_available()
+    return {
         "version": reports.REPORT_VERSION,
-        "run_id": run_id,
+        "run_id": job.run_id,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "owner": cfg.owner,
-        "config": {"file": Path(cfg.source).name, "sha256": cfg.fingerprint(),
-                   "train_sha256": _train_fingerprint(cfg)},
+        "config": {"file": Path(cfg.source).name, "sha256": cfg.fingerprint(), "train_sha256": _train_fingerprint(cfg)},
         "git": runinfo.git_commit(cfg.resolve(".")),
         "base_model": base_record,
         "data": data_record,
-        "train": {**tc.model_dump(mode="json"), "precision_used": precision},
-        "seed": tc.seed,
+        "train": {**cfg.train.model_dump(mode="json"), "precision_used": precision},
+        "seed": cfg.train.seed,
         "hardware": {"device": torch.cuda.get_device_name(0) if on_cuda else "cpu",
                      "gpus": torch.cuda.device_count(), "torch_threads": torch.get_num_threads()},
         "packages": runinfo.package_versions(LOGGED_PACKAGES),
         "outputs": outputs,
     }
-    reports.write_json(out / "run.json", lineage)
-    report = reports.new_report(STAGE, "ok", run_id=run_id, method=tc.method, tuner=tc.tuner,
-                                base_model=cfg.model.id, metrics=metrics, outputs=outputs,
-                                loss_log="loss.jsonl", lineage="run.json")
-    if plot_loss(out, run_id) is not None:
-        report["loss_plot"] = "loss.png"
-    reports.write_json(out / REPORT, report)
-    reports.write_text(out / MARKDOWN, render_markdown(report, progress.records))
-    return report
+
+
+def _write(job: Job, report: dict, records: list[dict]) -> None:
+    reports.write_json(job.out / stages.TRAIN.report, report)
+    reports.write_text(job.out / stages.TRAIN.markdown, render_markdown(report, records))
+
+
+def _quiet_libraries() -> None:
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+
+# --- progress ----------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """The TrainerCallback of a run (its class gets transformers' TrainerCallback behind it in `_make_trainer`):
+    appends to loss.jsonl, prints one line per logging step, sends start/progress notifications, feeds the stall
+    watchdog, and stops training at the first non-finite loss or gradient norm (or one above
+    train.watchdog.max_grad_norm)."""
+
+    def __init__(self, job: Job, history: list[dict], stall: StallWatchdog) -> None:
+        self.job, self.stall = job, stall
+        self.records = list(history)
+        self.every = job.cfg.notify.progress_every * 60 if job.cfg.notify is not None else float("inf")
+        self.t0 = self.last_progress = time.monotonic()
+        self.first_step_at: float | None = None
+        self.first_step = 0
+        self.start_sent = False
+        self.last_tokens = 0
+        self.last_good_step = history[-1]["step"] if history else 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = self.last_progress = time.monotonic()
+        self.last_tokens = state.num_input_tokens_seen
+        self.stall.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stall.beat()
+        now = time.monotonic()
+        if self.first_step_at is None:
+            self.first_step_at, self.first_step = now, state.global_step
+        elif not self.start_sent and (state.global_step - self.first_step >= 2 or state.global_step >= state.max_steps):
+            per_step = (now - self.first_step_at) / max(1, state.global_step - self.first_step)
+            eta = per_step * (state.max_steps - state.global_step) + (now - self.t0)
+            cfg = self.job.cfg
+            self.job.notifier.start(Message("start", f"{cfg.name}: training started", fields=run_fields(
+                cfg, self.job.run_id) + [("steps", str(state.max_steps)), ("estimated duration", _duration(eta))]))
+            self.start_sent = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stall.stop()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
+               "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+               "tokens": state.num_input_tokens_seen, "elapsed_s": round(time.monotonic() - self.t0, 2)}
+        self.records.append(rec)
+        with open(self.job.out / "loss.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        gn = rec["grad_norm"]
+        print(f"step {state.global_step}/{state.max_steps}  loss {rec['loss']:.4f}  "
+              f"lr {rec['learning_rate']:.2e}  grad_norm {gn if gn is None else f'{gn:.3f}'}",
+              file=sys.stderr, flush=True)
+        self._check_health(rec)
+        if self.start_sent and time.monotonic() - self.last_progress >= self.every:
+            self._progress(state, rec)
+
+    def _check_health(self, rec: dict) -> None:
+        watchdog = self.job.cfg.train.watchdog
+        bad = [f"{k} is {rec[k]}" for k in ("loss", "grad_norm") if rec[k] is not None and not math.isfinite(rec[k])]
+        if not bad and watchdog.max_grad_norm is not None and (rec["grad_norm"] or 0) > watchdog.max_grad_norm:
+            bad.append(f"grad_norm {rec['grad_norm']:.4g} exceeds train.watchdog.max_grad_norm "
+                       f"({watchdog.max_grad_norm:g})")
+        if bad:
+            raise Diverged(f"training diverged at step {rec['step']}: {', '.join(bad)}; stopped, the last good "
+                           f"checkpoint is kept", step=rec["step"], last_good_step=self.last_good_step)
+        self.last_good_step = rec["step"]
+
+    def _progress(self, state, rec: dict) -> None:
+        now = time.monotonic()
+        tps = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_progress, 1e-9)
+        per_step = (now - self.t0) / max(1, state.global_step - (self.first_step or 0) + 1)
+        eta = per_step * (state.max_steps - state.global_step)
+        self.job.notifier.progress(Message("progress", f"{self.job.cfg.name}: step {state.global_step}/"
+                                                       f"{state.max_steps}", fields=[
+            ("run", f"`{self.job.run_id}`"), ("loss", f"{rec['loss']:.4g}"),
+            ("learning rate", f"{rec['learning_rate']:.2e}"), ("tokens/s", f"{tps:,.0f}"), ("ETA", _duration(eta)),
+            ("memory", _memory())]))
+        self.last_progress, self.last_tokens = now, state.num_input_tokens_seen
 
 
 def render_markdown(report: dict, records: list[dict]) -> str:
@@ -495,86 +662,6 @@ def _loss_history(loss_path: Path, last_ckpt: Path | None) -> list[dict]:
     kept = [r for r in kept if r["step"] <= upto]
     reports.write_text(loss_path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
-
-
-def _Progress(base: type, loss_path: Path, history: list[dict], cfg: Config, run_id: str, notifier: Notifier,
-              stall: StallWatchdog):
-    """A TrainerCallback (built lazily: transformers is imported only here) that appends to loss.jsonl, prints one
-    line per logging step, sends start/progress notifications, feeds the stall watchdog, and stops training at the
-    first non-finite loss or gradient norm (or one above train.watchdog.max_grad_norm)."""
-    watchdog = cfg.train.watchdog
-    every = cfg.notify.progress_every * 60 if cfg.notify is not None else float("inf")
-
-    class Progress(base):
-        def __init__(self) -> None:
-            self.records = list(history)
-            self.t0 = time.monotonic()
-            self.first_step_at: float | None = None
-            self.start_sent = False
-            self.last_progress = time.monotonic()
-            self.last_tokens = 0
-            self.last_good_step = history[-1]["step"] if history else 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.t0 = self.last_progress = time.monotonic()
-            self.last_tokens = state.num_input_tokens_seen
-            stall.start()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            stall.beat()
-            now = time.monotonic()
-            if self.first_step_at is None:
-                self.first_step_at, self.first_step = now, state.global_step
-            elif not self.start_sent and (state.global_step - self.first_step >= 2 or
-                                          state.global_step >= state.max_steps):
-                per_step = (now - self.first_step_at) / max(1, state.global_step - self.first_step)
-                eta = per_step * (state.max_steps - state.global_step) + (now - self.t0)
-                notifier.start(Message("start", f"{cfg.name}: training started", fields=run_fields(cfg, run_id) + [
-                    ("steps", str(state.max_steps)), ("estimated duration", _duration(eta))]))
-                self.start_sent = True
-
-        def on_train_end(self, args, state, control, **kwargs):
-            stall.stop()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
-                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-                   "tokens": state.num_input_tokens_seen, "elapsed_s": round(time.monotonic() - self.t0, 2)}
-            self.records.append(rec)
-            with open(loss_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            gn = rec["grad_norm"]
-            print(f"step {state.global_step}/{state.max_steps}  loss {rec['loss']:.4f}  "
-                  f"lr {rec['learning_rate']:.2e}  grad_norm {gn if gn is None else f'{gn:.3f}'}",
-                  file=sys.stderr, flush=True)
-            self._check_health(rec)
-            if self.start_sent and time.monotonic() - self.last_progress >= every:
-                self._progress(state, rec)
-
-        def _check_health(self, rec: dict) -> None:
-            bad = [f"{k} is {rec[k]}" for k in ("loss", "grad_norm")
-                   if rec[k] is not None and not math.isfinite(rec[k])]
-            if not bad and watchdog.max_grad_norm is not None and (rec["grad_norm"] or 0) > watchdog.max_grad_norm:
-                bad.append(f"grad_norm {rec['grad_norm']:.4g} exceeds train.watchdog.max_grad_norm "
-                           f"({watchdog.max_grad_norm:g})")
-            if bad:
-                raise Diverged(f"training diverged at step {rec['step']}: {', '.join(bad)}; stopped, the last good "
-                               f"checkpoint is kept", step=rec["step"], last_good_step=self.last_good_step)
-            self.last_good_step = rec["step"]
-
-        def _progress(self, state, rec: dict) -> None:
-            now = time.monotonic()
-            tps = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_progress, 1e-9)
-            per_step = (now - self.t0) / max(1, state.global_step - (self.first_step or 0) + 1)
-            eta = per_step * (state.max_steps - state.global_step)
-            notifier.progress(Message("progress", f"{cfg.name}: step {state.global_step}/{state.max_steps}", fields=[
-                ("run", f"`{run_id}`"), ("loss", f"{rec['loss']:.4g}"), ("learning rate", f"{rec['learning_rate']:.2e}"),
-                ("tokens/s", f"{tps:,.0f}"), ("ETA", _duration(eta)), ("memory", _memory())]))
-            self.last_progress, self.last_tokens = now, state.num_input_tokens_seen
-
-    return Progress()
 
 
 def _duration(seconds: float) -> str:
