@@ -9,7 +9,6 @@ the model (so a config dumps and hashes the same on every machine) and resolved 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from swiftci.errors import ConfigError
+from swiftci.errors import ConfigError, closest
 
 DEFAULT_CONFIG = "swiftci.yaml"
 
@@ -114,11 +113,10 @@ class DataConfig(Section):
         description="Held-out rows, JSONL, e.g. `data/validation.jsonl`. Unset: no validation loss; "
         "quantize then measures perplexity on the last rows of `train`.",
     )
-    format: Literal["auto", "messages", "alpaca", "preference"] = Field(
+    format: Literal["auto", "messages", "alpaca"] = Field(
         default="auto",
-        description="Row format: `messages` (chat: {messages: [{role, content}]}), `alpaca` "
-        "({instruction, input, output}), `preference` ({prompt, chosen, rejected}); `auto` detects it "
-        "from the first row.",
+        description="Row format: `messages` (chat: {messages: [{role, content}]}) or `alpaca` "
+        "({instruction, input, output}); `auto` detects it from the first row.",
     )
 
 
@@ -132,6 +130,15 @@ class LoraConfig(Section):
     target_modules: str | list[str] = Field(
         default="all-linear",
         description="Modules that get adapters: `all-linear` or a list of module names, e.g. `[q_proj, v_proj]`.",
+    )
+
+
+class QLoraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4", description="4-bit type of the frozen base: `nf4` (NormalFloat, the QLoRA paper's) or `fp4`."
+    )
+    double_quant: bool = Field(
+        default=True, description="Quantize the quantization constants too: ~0.4 bits per parameter less memory."
     )
 
 
@@ -155,6 +162,9 @@ class TrainConfig(Section):
         "`full` (every weight; most memory).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora).")
+    qlora: QLoraConfig = Field(
+        default_factory=QLoraConfig, description="How qlora loads the base model in 4 bits (bitsandbytes)."
+    )
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate, e.g. 2e-4 for LoRA, 2e-5 full.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         default="cosine", description="Learning-rate schedule after warmup."
@@ -381,6 +391,33 @@ class QuantizeConfig(Section):
         return self
 
 
+def layer_input_sizes(model_config: dict) -> dict[str, int]:
+    """Input sizes of the linear layers a decoder block quantizes (Llama/Qwen/Mistral-style config.json)."""
+    hidden = model_config.get("hidden_size")
+    sizes = {"hidden_size (q/k/v, gate/up projections)": hidden}
+    heads, head_dim = model_config.get("num_attention_heads"), model_config.get("head_dim")
+    if heads and (head_dim or hidden):
+        sizes["attention output (o_proj)"] = heads * (head_dim or hidden // heads)
+    if model_config.get("intermediate_size"):
+        sizes["intermediate_size (down_proj)"] = model_config["intermediate_size"]
+    return {k: v for k, v in sizes.items() if v}
+
+
+def group_size_problem(model_config: dict, group_size: int) -> str | None:
+    """Why `group_size` cannot quantize a model with this config.json, with the fix; None when it can."""
+    if group_size == -1:
+        return None
+    sizes = layer_input_sizes(model_config)
+    bad = {name: size for name, size in sizes.items() if size % group_size}
+    if not bad:
+        return None
+    divisors = [g for g in (32, 64, 128) if all(v % g == 0 for v in sizes.values())]
+    fix = (f"set `quantize.group_size` to {' or '.join(map(str, divisors))}" if divisors
+           else "set `quantize.group_size: -1` (one group per output channel)")
+    listed = ", ".join(f"{name} = {size}" for name, size in bad.items())
+    return f"{group_size} does not divide the model's {listed}; {fix}"
+
+
 # --- notify ----------------------------------------------------------------------------------------------------
 
 SECRET_PATHS = (("notify", "slack", "webhook"), ("notify", "slack", "token"), ("notify", "discord", "webhook"))
@@ -484,6 +521,10 @@ class DeployTimeouts(Section):
 class LocalServeConfig(Section):
     host: str = Field(default="127.0.0.1", description="Address `transformers serve` listens on.")
     port: int = Field(default=0, ge=0, le=65535, description="Port; 0 picks a free one.")
+    device: str = Field(
+        default="auto", min_length=1,
+        description="`--device` of `transformers serve`, e.g. `cpu` or `cuda:0`; `auto`: a GPU when there is one.",
+    )
 
 
 class DeployConfig(Section):
@@ -640,24 +681,20 @@ class Config(Section):
             unknown = [t for t in (dep.canary.tasks or []) if t not in self.evaluate.tasks]
             if unknown:
                 raise ValueError(f"deploy.canary.tasks: {', '.join(unknown)} not in evaluate.tasks")
+            if not self.evaluate.apply_chat_template:
+                raise ValueError("deploy.canary.evaluate: a chat endpoint applies the server's chat template, so it "
+                                 "cannot score prompts the way `evaluate.apply_chat_template: false` does offline; "
+                                 "set that to true, or turn canary.evaluate off")
         return self
 
     def _check_quantize_fits(self, base: Path) -> None:
         """For a local base model, an impossible group size is caught here, before any GPU time is spent."""
-        from swiftci.quantize import layer_input_sizes
-
         local = base / Path(self.model.id).expanduser()
         if not (local / "config.json").is_file():
             return  # a hub model: checked by `swiftci quantize` before it loads anything
-        qc = self.quantize
-        sizes = layer_input_sizes(json.loads((local / "config.json").read_text()))
-        bad = {name: size for name, size in sizes.items() if qc.group_size != -1 and size % qc.group_size}
-        if bad:
-            divisors = [g for g in (32, 64, 128) if all(v % g == 0 for v in sizes.values())]
-            fix = (f"set `quantize.group_size` to {' or '.join(map(str, divisors))}" if divisors
-                   else "set `quantize.group_size: -1`")
-            listed = ", ".join(f"{name} = {size}" for name, size in bad.items())
-            raise ValueError(f"quantize.group_size: {qc.group_size} does not divide the model's {listed}; {fix}")
+        problem = group_size_problem(json.loads((local / "config.json").read_text()), self.quantize.group_size)
+        if problem:
+            raise ValueError(f"quantize.group_size: {problem}")
 
     # Helpers for stage code -----------------------------------------------------------------------------------
 
@@ -852,8 +889,8 @@ def _dotted(path: tuple) -> str:
 
 
 def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
-    return f" — did you mean '{close[0]}'?" if close else ""
+    close = closest(word, options)
+    return f" — did you mean '{close}'?" if close else ""
 
 
 def _message(err: dict, path: tuple, root: type[BaseModel]) -> str:
@@ -907,6 +944,47 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
     """Read, expand, override and validate a config file; raise ConfigError listing every problem."""
     path = Path(path)
     label = str(path)
+    raw, where, problems = _read_yaml(path, label)
+    # --set values go through the same ${VAR} expansion and literal-secret check as the file's own values
+    from_cli: set[tuple] = set()
+    for key, value in parse_overrides(overrides):
+        _set_path(raw, key, value)
+        from_cli.add(tuple(key.split(".")))
+    secrets: list[str] = []
+    expanded: set[tuple] = set()
+    raw = _expand_env(raw, (), problems, secrets, expanded)
+    problems += _literal_secrets(raw, expanded)
+
+    def located(p: tuple, message: str) -> str:
+        for cli_path in from_cli:
+            if p[: len(cli_path)] == cli_path:
+                return f"--set {_dotted(p)}: {message}"
+        line = where.line_of(p)
+        return f"{label}:{line or 1}: {_dotted(p)}: {message}"
+
+    messages = [located(p, m) for p, m in problems]
+    context = {"base_dir": path.resolve().parent} if check_files else None
+    cfg = None
+    try:
+        cfg = Config.model_validate(raw, context=context)
+    except ValidationError as e:
+        messages += [located(p, " or ".join(msgs)) for p, msgs in _validation_messages(e, raw).items()]
+    if messages:
+        raise ConfigError(messages)
+    assert cfg is not None
+    cfg._base_dir = path.resolve().parent
+    cfg._source = label
+    cfg._env_values = secrets
+    if cfg.model_local_path is None and cfg.model.revision is None:
+        cfg._warnings.append(
+            f"{label}:{where.line_of(('model', 'id'))}: model.revision: not set, so the hub's default branch is "
+            "used and may change; pin a commit sha for reproducible runs"
+        )
+    return cfg
+
+
+def _read_yaml(path: Path, label: str) -> tuple[dict, _Located, list[tuple[tuple, str]]]:
+    """The document, where each key sits, and the problems found while reading it (duplicate keys)."""
     if not path.is_file():
         raise ConfigError([f"{label}: config file not found; pass -c PATH or create {DEFAULT_CONFIG}"
                            " (see examples/tiny/swiftci.yaml)"])
@@ -932,16 +1010,13 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
     if not isinstance(raw, dict):
         raise ConfigError([f"{label}:1: the config must be a mapping of sections (name, model, data, train, …)"])
     _walk_nodes(node, (), where, problems)
+    return raw, where, problems
 
-    # --set values go through the same ${VAR} expansion and literal-secret check as the file's own values
-    from_cli: set[tuple] = set()
-    for key, value in parse_overrides(overrides):
-        _set_path(raw, key, value)
-        from_cli.add(tuple(key.split(".")))
-    secrets: list[str] = []
-    expanded: set[tuple] = set()
-    raw = _expand_env(raw, (), problems, secrets, expanded)
-    for secret_path in SECRET_PATHS:  # a token written into swiftci.yaml ends up in git history
+
+def _literal_secrets(raw: dict, expanded: set[tuple]) -> list[tuple[tuple, str]]:
+    """A token written into swiftci.yaml ends up in git history: secrets must be `${VAR}` references."""
+    problems = []
+    for secret_path in SECRET_PATHS:
         cur: Any = raw
         for part in secret_path:
             cur = cur.get(part) if isinstance(cur, dict) else None
@@ -953,42 +1028,20 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
             else:  # only a `${VAR}` that expands to nothing turns a channel off; a literal "" is a mistake
                 problems.append((secret_path, f"empty; write a reference such as ${{{name}}}, or remove "
                                               f"notify.{secret_path[1]} to send nothing there"))
+    return problems
 
-    def located(p: tuple, message: str) -> str:
-        for cli_path in from_cli:
-            if p[: len(cli_path)] == cli_path:
-                return f"--set {_dotted(p)}: {message}"
-        line = where.line_of(p)
-        return f"{label}:{line or 1}: {_dotted(p)}: {message}"
 
-    messages = [located(p, m) for p, m in problems]
-    context = {"base_dir": path.resolve().parent} if check_files else None
-    cfg = None
-    try:
-        cfg = Config.model_validate(raw, context=context)
-    except ValidationError as e:
-        by_path: dict[tuple, list[str]] = {}
-        for err in e.errors():
-            for loc, err in _split_model_errors(err):
-                shown = _display_path(raw, loc)
-                msg = _message(err, shown, Config)
-                by_path.setdefault(shown, [])
-                if msg not in by_path[shown]:
-                    by_path[shown].append(msg)
-        for p, msgs in by_path.items():
-            messages.append(located(p, " or ".join(msgs)))
-    if messages:
-        raise ConfigError(messages)
-    assert cfg is not None
-    cfg._base_dir = path.resolve().parent
-    cfg._source = label
-    cfg._env_values = secrets
-    if cfg.model_local_path is None and cfg.model.revision is None:
-        cfg._warnings.append(
-            f"{label}:{where.line_of(('model', 'id'))}: model.revision: not set, so the hub's default branch is "
-            "used and may change; pin a commit sha for reproducible runs"
-        )
-    return cfg
+def _validation_messages(e: ValidationError, raw: dict) -> dict[tuple, list[str]]:
+    """pydantic's errors as messages, grouped by the document path they belong to."""
+    by_path: dict[tuple, list[str]] = {}
+    for err in e.errors():
+        for loc, err in _split_model_errors(err):
+            shown = _display_path(raw, loc)
+            msg = _message(err, shown, Config)
+            by_path.setdefault(shown, [])
+            if msg not in by_path[shown]:
+                by_path[shown].append(msg)
+    return by_path
 
 
 def json_schema() -> dict:

@@ -4,7 +4,6 @@ chat template so that the loss falls only on assistant tokens.
 Row formats (`data.format`):
 - messages:   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 - alpaca:     {"instruction": "...", "input": "...", "output": "...", "system"?: "..."}
-- preference: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
 """
 
 from __future__ import annotations
@@ -59,13 +58,13 @@ def detect_format(rows: list[dict], declared: str, source: str) -> str:
     if "messages" in first:
         return "messages"
     if {"prompt", "chosen", "rejected"} <= first.keys():
-        return "preference"
+        raise UsageError(f"{source}: preference rows (prompt/chosen/rejected) need preference tuning, which swiftci "
+                         "does not offer yet; give supervised rows (`messages` or alpaca)")
     if {"instruction", "output"} <= first.keys():
         return "alpaca"
     raise UsageError(
         f"{source}: cannot tell the row format from the first row (keys: {', '.join(sorted(first)) or 'none'}); "
-        "use `messages`, `instruction`/`output` (alpaca) or `prompt`/`chosen`/`rejected` rows, "
-        "or set data.format"
+        "use `messages` or `instruction`/`output` (alpaca) rows, or set data.format"
     )
 
 
@@ -89,9 +88,6 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
             prompt += "\n\n" + str(row["input"])
         msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
         return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    if fmt == "preference":
-        raise UsageError(f"{where}: preference rows (prompt/chosen/rejected) are for preference tuning; "
-                         "train.method `sft` needs `messages` or alpaca rows")
     raise UsageError(f"{where}: unknown data format {fmt!r}")
 
 

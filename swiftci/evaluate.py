@@ -3,7 +3,7 @@ apply the quality gates. Fails closed: a crash, an unknown task, a missing or Na
 passes.
 
 Outputs in `<output_dir>/evaluate/`:
-  eval_report.json     {"version": 1, "stage": "evaluate", "status", "metrics": {task: {metric: {value, stderr,
+  eval_report.json     {"version": 2, "stage": "evaluate", "status", "metrics": {task: {metric: {value, stderr,
                        baseline, delta}}}, "gates": [{metric, rule, value, passed, reason}], "passed"}
   eval_report.md       one table a reviewer reads: metric | baseline | candidate | Δ (± stderr) | gate | ✅/❌
   lm_eval/             lm-eval's own results JSON for the candidate and the baseline
@@ -15,7 +15,7 @@ adapter disabled, so no second model load and no second lm-eval process.
 from __future__ import annotations
 
 import contextlib
-import difflib
+import functools
 import json
 import logging
 import math
@@ -26,13 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swiftci import models, reports, runinfo
-from swiftci.config import Config, GateConfig
-from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
+from swiftci import models, reports, stages
+from swiftci.config import Config, EvaluateConfig, GateConfig
+from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError, closest
 
 STAGE = "evaluate"
-REPORT = "eval_report.json"
-MARKDOWN = "eval_report.md"
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics (accuracy, exact match) use the exact formula
 
 
@@ -47,9 +45,27 @@ class Candidate:
     label_model: str = ""  # the served model name, for an endpoint
 
 
+@dataclass
+class Scores:
+    """One model scored on every task: lm-eval's merged results and the seconds each task took."""
+
+    raw: dict
+    seconds: dict[str, float]
+
+
+@dataclass
+class Evaluation:
+    """The candidate's scores and, when the baseline is a model, the baseline's; how many models were loaded."""
+
+    candidate: Scores
+    baseline: Scores | None
+    model_loads: int
+
+
 def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = None,
         out_dir: Path | None = None, endpoint: tuple[str, str] | None = None) -> dict:
-    """Evaluate and gate; reports go to `out_dir` (default `<output_dir>/evaluate`). Raises GateFailed (exit 1).
+    """Evaluate and gate; reports go to `out_dir` (default `<output_dir>/evaluate`). Raises GateFailed (exit 1),
+    whose `details` is the report.
 
     `endpoint=(base_url, model name)` scores a served model through its OpenAI-compatible chat API instead of
     loading weights (a canary); only generation tasks can be scored that way, the others fail closed."""
@@ -58,18 +74,10 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
         raise UsageError(f"{cfg.source}: no `evaluate` section; add one with `tasks:` (see examples/tiny/swiftci.yaml)")
     field = "--baseline" if baseline is not None else "evaluate.baseline"
     baseline = baseline if baseline is not None else ev.baseline
-    if baseline not in ("base", "none"):
-        _check_baseline_report(cfg.resolve(baseline), field)
-    drops = [f"evaluate.gates[{i}]" for i, g in enumerate(ev.gates) if g.max_drop is not None]
-    if drops and baseline == "none":
-        raise UsageError(f"{field}: {', '.join(drops)} set max_drop, which needs a baseline, but the baseline is "
-                         "`none`; give `base` or an earlier eval_report.json, or gate with `min`")
-    if endpoint is not None:
-        candidate = Candidate(endpoint[0], "endpoint", None, runinfo.train_run_id(cfg.stage_dir("train")), label_model=endpoint[1])
-        if baseline == "base":
-            baseline = "none"  # no weights to disable an adapter on; compare with an eval report instead
-    else:
-        candidate = _candidate(cfg, model_dir)
+    drops = _check_baseline(cfg, baseline, field)
+    candidate = _candidate(cfg, model_dir, endpoint)
+    if candidate.kind == "endpoint" and baseline == "base":
+        baseline = "none"  # no weights to disable an adapter on; compare with an eval report instead
     if drops and baseline == "base" and candidate.kind == "base":
         raise UsageError(f"{field}: {', '.join(drops)} set max_drop against `base`, but the model evaluated here IS "
                          "the base model (no train section, no --model), so it would be compared with itself; give "
@@ -77,44 +85,54 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
     out = out_dir or cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    base_report = reports.new_report(STAGE, "running", run_id=candidate.run_id,
-                                     model={"path": candidate.label, "kind": candidate.kind},
-                                     baseline={"kind": _baseline_kind(baseline), "source": _baseline_label(baseline)})
-    reports.write_json(out / REPORT, {**base_report, "passed": False})
+    head = reports.new_report(STAGE, stages.RUNNING, run_id=candidate.run_id,
+                              model={"path": candidate.label, "kind": candidate.kind},
+                              baseline={"kind": _baseline_kind(baseline), "source": _baseline_label(baseline)})
+    _write(out, {**head, "passed": False})
     try:
-        tasks, candidate_raw, baseline_raw = _evaluate(cfg, candidate, baseline, out)
-    except (ConfigError, UsageError):
-        _write(out, _error_report(base_report, ev.gates, "the evaluation was not started: bad configuration",
-                                  started))
+        evaluation = _evaluate(cfg, candidate, baseline, out)
+    except (ConfigError, UsageError) as e:
+        _write(out, _error_report(head, ev.gates, e, "the evaluation was not started: bad configuration", started))
         raise
-    except SwiftCIError as e:
-        _write(out, _error_report(base_report, ev.gates, str(e), started))
-        raise StageError(f"evaluation could not run: {e}") from None
     except Exception as e:  # fail closed: whatever broke, the gate is not passed
-        _write(out, _error_report(base_report, ev.gates, f"{type(e).__name__}: {e}", started))
-        raise StageError(f"evaluation could not run: {type(e).__name__}: {e}") from e
+        error = e if isinstance(e, SwiftCIError) else StageError(f"{type(e).__name__}: {e}")
+        _write(out, _error_report(head, ev.gates, error, str(error), started))
+        raise StageError(f"evaluation could not run: {error}", kind=error.kind) from e
+    report = _gated_report(cfg, head, evaluation, baseline, started)
+    _write(out, report)
+    if not report["passed"]:
+        failed = [g for g in report["gates"] if not g["passed"]]
+        raise GateFailed("quality gate failed: " + "; ".join(f"{g['metric']} {g['reason']}" for g in failed)
+                         + f" (report: {out / stages.EVALUATE.markdown})", details=report)
+    return report
 
+
+def _gated_report(cfg: Config, head: dict, evaluation: Evaluation, baseline: str, started: float) -> dict:
+    ev = cfg.evaluate
+    candidate = _metrics_from_raw(evaluation.candidate.raw)
     if baseline not in ("base", "none"):
-        baseline_raw = _metrics_from_report(reports.read_json(cfg.resolve(baseline)))
-    model_loads = tasks.pop("_model_loads")
-    metrics = _combine(candidate_raw, baseline_raw)
+        base_metrics = _metrics_from_report(reports.read_json(cfg.resolve(baseline)))
+    else:
+        base_metrics = _metrics_from_raw(evaluation.baseline.raw) if evaluation.baseline else {}
+    tasks = {t: {"samples": _samples(evaluation.candidate.raw, t), "seconds": evaluation.candidate.seconds.get(t)}
+             for t in ev.tasks}
+    if evaluation.baseline is not None:
+        for t in ev.tasks:
+            tasks[t]["baseline_seconds"] = evaluation.baseline.seconds.get(t)
+    metrics = _combine(candidate, base_metrics)
     gates = [_check_gate(g, metrics, tasks) for g in ev.gates]
     passed = all(g["passed"] for g in gates)
-    report = {**base_report, "status": "passed" if passed else "failed", "passed": passed, "tasks": tasks,
-              "model_loads": model_loads,
-              "metrics": metrics, "gates": gates, "wall_seconds": round(time.monotonic() - started, 2)}
-    _write(out, report)
-    if not passed:
-        failed = [g for g in gates if not g["passed"]]
-        raise GateFailed("quality gate failed: " + "; ".join(f"{g['metric']} {g['reason']}" for g in failed)
-                         + f" (report: {out / MARKDOWN})")
-    return report
+    return {**head, "status": "passed" if passed else "failed", "passed": passed, "tasks": tasks,
+            "model_loads": evaluation.model_loads, "metrics": metrics, "gates": gates,
+            "wall_seconds": round(time.monotonic() - started, 2)}
 
 
 # --- what to evaluate -------------------------------------------------------------------------------------------
 
 
-def _candidate(cfg: Config, model_dir: Path | None) -> Candidate:
+def _candidate(cfg: Config, model_dir: Path | None, endpoint: tuple[str, str] | None) -> Candidate:
+    if endpoint is not None:
+        return Candidate(endpoint[0], "endpoint", None, stages.train_run_id(cfg), label_model=endpoint[1])
     if model_dir is not None:
         path = Path(model_dir).resolve()
         if not path.is_dir():
@@ -123,21 +141,23 @@ def _candidate(cfg: Config, model_dir: Path | None) -> Candidate:
             raise UsageError(f"--model: {model_dir} holds neither a model (config.json) nor an adapter "
                              f"({models.ADAPTER_CONFIG})")
         kind = "adapter" if models.is_adapter_dir(path) else "model"
-        return Candidate(_label(cfg, path), kind, path, runinfo.train_run_id(cfg.stage_dir("train")))
+        return Candidate(_label(cfg, path), kind, path, stages.train_run_id(cfg))
     if cfg.train is None:
         return Candidate(cfg.model.id, "base", None, None)
-    train_dir = cfg.stage_dir("train")
-    report_path = train_dir / "train_report.json"
-    if not report_path.is_file():
-        raise StageError(f"no trained model: {report_path} does not exist; run `swiftci train` first, or pass --model")
-    report = reports.read_json(report_path)
-    if report.get("status") != "ok":
-        raise StageError(f"the train stage did not finish (status {report.get('status')!r} in {report_path}); "
-                         "there is no trained model to evaluate")
-    outputs = report.get("outputs", {})
-    name = "adapter" if "adapter" in outputs else "model"
-    path = train_dir / outputs[name]
-    return Candidate(_label(cfg, path), name, path, report.get("run_id"))
+    # the adapter when there is one: the baseline is then the same weights with it disabled
+    trained = stages.produced(cfg, "train", prefer=("adapter", "model"))
+    return Candidate(_label(cfg, trained.path), trained.kind, trained.path, trained.run_id)
+
+
+def _check_baseline(cfg: Config, baseline: str, field: str) -> list[str]:
+    """Whether the baseline can exist, before any model loads (exit 2); returns the gates that need one."""
+    if baseline not in ("base", "none"):
+        _check_baseline_report(cfg.resolve(baseline), field)
+    drops = [f"evaluate.gates[{i}]" for i, g in enumerate(cfg.evaluate.gates) if g.max_drop is not None]
+    if drops and baseline == "none":
+        raise UsageError(f"{field}: {', '.join(drops)} set max_drop, which needs a baseline, but the baseline is "
+                         "`none`; give `base` or an earlier eval_report.json, or gate with `min`")
+    return drops
 
 
 def _label(cfg: Config, path: Path) -> str:
@@ -205,8 +225,8 @@ def _task_manager(cfg: Config, tasks: list[str]):
     if unknown:
         hints = []
         for t in unknown:
-            close = difflib.get_close_matches(t, manager.all_tasks, n=1, cutoff=0.75)
-            hints.append(f"'{t}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            close = closest(t, manager.all_tasks)
+            hints.append(f"'{t}'" + (f" (did you mean '{close}'?)" if close else ""))
         where = f" nor a task YAML in {cfg.evaluate.task_dir}/" if task_dir else ""
         raise StageError(f"unknown lm-eval task {', '.join(hints)}: not a built-in lm-eval task{where}; "
                          "fix evaluate.tasks (`lm-eval ls tasks` lists the built-in ones)")
@@ -237,8 +257,7 @@ def _load_model(cfg: Config, candidate: Candidate):
     import torch
 
     local = cfg.model_local_path
-    dtype = (torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else
-             torch.float16 if torch.cuda.is_available() else torch.float32)
+    _, dtype = models.compute_dtype("auto")
     device_map = {"": 0} if torch.cuda.is_available() else None
     if candidate.kind in ("adapter", "base"):
         model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=dtype, device_map=device_map)
@@ -259,10 +278,9 @@ def _load_model(cfg: Config, candidate: Candidate):
     return model, tokenizer
 
 
-def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> tuple[dict, dict, dict | None]:
-    """Run every task on the candidate (and on the baseline model); return per-task timing and raw metrics."""
+def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> Evaluation:
+    """Run every task on the candidate, and on the baseline when it is a model."""
     _quiet()
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     ev = cfg.evaluate
@@ -272,49 +290,47 @@ def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> tu
     # Build each task (and read its dataset) once, before any weights are loaded; both models reuse the objects.
     with contextlib.chdir(task_dir):
         built = {task: _build_task(manager, task) for task in ev.tasks}
+    score = functools.partial(_score, ev, built, manager, task_dir, out)
     if candidate.kind == "endpoint":
-        return _evaluate_endpoint(cfg, candidate, built, manager, task_dir, out)
+        return Evaluation(score(_endpoint_lm(ev, candidate, built), "candidate", chat=True), None, model_loads=0)
     model, tokenizer = _load_model(cfg, candidate)
-    loads = 1
-
-    def score(lm, label: str) -> tuple[dict, dict]:
-        merged: dict[str, Any] = {}
-        seconds: dict[str, float] = {}
-        for task in ev.tasks:
-            t0 = time.monotonic()
-            with contextlib.chdir(task_dir), _naming_task(task, label):  # local YAMLs' paths are relative to it
-                result = simple_evaluate(
-                    model=lm, tasks=built[task], task_manager=manager, limit=ev.limit, num_fewshot=ev.num_fewshot,
-                    batch_size=ev.batch_size, apply_chat_template=ev.apply_chat_template,
-                    fewshot_as_multiturn=ev.apply_chat_template and bool(ev.num_fewshot),
-                    log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
-            seconds[task] = round(time.monotonic() - t0, 2)
-            for key in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
-                merged.setdefault(key, {}).update(result.get(key) or {})
-            for key in ("config", "lm_eval_version", "transformers_version", "date"):
-                merged.setdefault(key, result.get(key))
-        _save_lm_eval(out / "lm_eval" / f"{label}.json", merged)
-        return merged, seconds
-
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
-    candidate_raw, seconds = score(lm, "candidate")
-    tasks = {t: {"samples": _samples(candidate_raw, t), "seconds": seconds.get(t)} for t in ev.tasks}
+    scores = score(lm, "candidate")
+    if baseline != "base" or candidate.kind == "base":
+        return Evaluation(scores, None, model_loads=1)
+    if candidate.kind == "adapter":  # same weights in memory, adapter off: no second load
+        with model.disable_adapter():
+            return Evaluation(scores, score(lm, "baseline"), model_loads=1)
+    del lm, model
+    base_model, base_tokenizer = _load_model(cfg, Candidate(cfg.model.id, "base", None, None))
+    base_lm = HFLM(pretrained=base_model, tokenizer=base_tokenizer, batch_size=ev.batch_size)
+    return Evaluation(scores, score(base_lm, "baseline"), model_loads=2)
 
-    baseline_raw = None
-    if baseline == "base" and candidate.kind != "base":
-        if candidate.kind == "adapter":  # same weights in memory, adapter off: no second load
-            with model.disable_adapter():
-                baseline_raw, base_seconds = score(lm, "baseline")
-        else:
-            del lm, model
-            base_model, base_tok = _load_model(cfg, Candidate(cfg.model.id, "base", None, None))
-            loads += 1
-            baseline_raw, base_seconds = score(HFLM(pretrained=base_model, tokenizer=base_tok,
-                                                    batch_size=ev.batch_size), "baseline")
-        for t in ev.tasks:
-            tasks[t]["baseline_seconds"] = base_seconds.get(t)
-    tasks["_model_loads"] = loads
-    return tasks, candidate_raw, baseline_raw
+
+def _score(ev: EvaluateConfig, built: dict, manager: Any, task_dir: Path, out: Path, lm: Any, label: str, *,
+           chat: bool | None = None) -> Scores:
+    """Every task on one model (or endpoint), with the evaluate section's settings; lm-eval's results are kept in
+    `lm_eval/<label>.json`. `chat` overrides apply_chat_template (a chat endpoint always applies its own)."""
+    from lm_eval import simple_evaluate
+
+    chat = ev.apply_chat_template if chat is None else chat
+    merged: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for task in ev.tasks:
+        t0 = time.monotonic()
+        with contextlib.chdir(task_dir), _naming_task(task, label):  # local YAMLs' paths are relative to it
+            result = simple_evaluate(
+                model=lm, tasks=built[task], task_manager=manager, limit=ev.limit, num_fewshot=ev.num_fewshot,
+                batch_size=ev.batch_size, apply_chat_template=chat,
+                fewshot_as_multiturn=chat and bool(ev.num_fewshot), log_samples=False,
+                bootstrap_iters=BOOTSTRAP_ITERS)
+        seconds[task] = round(time.monotonic() - t0, 2)
+        for key in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+            merged.setdefault(key, {}).update(result.get(key) or {})
+        for key in ("config", "lm_eval_version", "transformers_version", "date"):
+            merged.setdefault(key, result.get(key))
+    _save_lm_eval(out / "lm_eval" / f"{label}.json", merged)
+    return Scores(merged, seconds)
 
 
 def _build_task(manager: Any, task: str) -> list:
@@ -323,7 +339,7 @@ def _build_task(manager: Any, task: str) -> list:
         loaded = manager.load([task])
     except StopIteration:  # the datasets JSON reader finds no first row in an empty file
         raise StageError(f"task '{task}' has 0 samples: its dataset is empty, so nothing can be scored") from None
-    except Exception as e:
+    except Exception as e:  # lm-eval raises anything from a task's YAML: named, then raised
         raise StageError(f"lm-eval could not load task '{task}': {type(e).__name__}: {e}") from e
     if task in loaded["groups"]:
         return [loaded["groups"][task]]
@@ -337,40 +353,26 @@ def _naming_task(task: str, label: str):
     """Say which task (and which model) an lm-eval failure came from."""
     try:
         yield
-    except Exception as e:
+    except Exception as e:  # named, then raised
         detail = f"{type(e).__name__}: {e}".rstrip(": ")
         raise StageError(f"lm-eval failed on task '{task}' ({label}): {detail}") from e
 
 
-def _evaluate_endpoint(cfg: Config, candidate: Candidate, built: dict, manager: Any, task_dir: Path,
-                       out: Path) -> tuple[dict, dict, None]:
-    """Score a served model through /v1/chat/completions with lm-eval's local-chat-completions model."""
-    from lm_eval import simple_evaluate
+def _endpoint_lm(ev: EvaluateConfig, candidate: Candidate, built: dict) -> Any:
+    """lm-eval's local-chat-completions model for a served model's /v1/chat/completions. A chat endpoint gives no
+    log-likelihoods (generation tasks only) and applies the server's chat template; `evaluate.batch_size` is the
+    number of requests in flight (the server batches them)."""
     from lm_eval.models.openai_completions import LocalChatCompletion
 
-    ev = cfg.evaluate
     for task, objs in built.items():
         kinds = {t.get_config("output_type") for t in objs if hasattr(t, "get_config")}
         if kinds - {"generate_until"}:
             raise StageError(f"task '{task}' needs log-likelihoods ({', '.join(sorted(kinds))}), which a chat "
                              "endpoint cannot give; score only generation tasks through an endpoint "
                              "(deploy.canary.tasks)")
-    lm = LocalChatCompletion(model=candidate.label_model, base_url=candidate.label.rstrip("/") + "/chat/completions",
-                             tokenizer_backend=None, tokenized_requests=False, num_concurrent=1, max_retries=2)
-    merged: dict[str, Any] = {}
-    tasks: dict[str, dict] = {}
-    for task in ev.tasks:
-        t0 = time.monotonic()
-        with contextlib.chdir(task_dir), _naming_task(task, "endpoint"):
-            result = simple_evaluate(model=lm, tasks=built[task], task_manager=manager, limit=ev.limit,
-                                     num_fewshot=ev.num_fewshot, apply_chat_template=True, log_samples=False,
-                                     bootstrap_iters=BOOTSTRAP_ITERS)
-        for key in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
-            merged.setdefault(key, {}).update(result.get(key) or {})
-        tasks[task] = {"samples": _samples(merged, task), "seconds": round(time.monotonic() - t0, 2)}
-    _save_lm_eval(out / "lm_eval" / "candidate.json", merged)
-    tasks["_model_loads"] = 0
-    return tasks, merged, None
+    return LocalChatCompletion(model=candidate.label_model, base_url=candidate.label.rstrip("/") + "/chat/completions",
+                               tokenizer_backend=None, tokenized_requests=False, num_concurrent=ev.batch_size,
+                               max_retries=2)
 
 
 def _save_lm_eval(path: Path, results: dict) -> None:
@@ -413,28 +415,22 @@ def _metrics_from_raw(raw: dict) -> dict[str, dict[str, dict]]:
     return out
 
 
-def _metrics_from_report(report: dict) -> dict:
+def _metrics_from_report(report: dict) -> dict[str, dict[str, dict]]:
     """An earlier eval_report.json as a baseline: its candidate values become our baseline values."""
-    raw: dict[str, dict[str, dict]] = {}
+    parsed: dict[str, dict[str, dict]] = {}
     for task, metrics in (report.get("metrics") or {}).items():
         for name, m in metrics.items():
-            raw.setdefault(task, {})[name] = {"value": m.get("value"), "stderr": m.get("stderr"),
-                                              "higher_is_better": m.get("higher_is_better", True)}
-    return {"_parsed": raw}
+            parsed.setdefault(task, {})[name] = {"value": m.get("value"), "stderr": m.get("stderr"),
+                                                 "higher_is_better": m.get("higher_is_better", True)}
+    return parsed
 
 
-def _combine(candidate_raw: dict, baseline_raw: dict | None) -> dict:
-    cand = _metrics_from_raw(candidate_raw)
-    if baseline_raw is None:
-        base: dict = {}
-    elif "_parsed" in baseline_raw:
-        base = baseline_raw["_parsed"]
-    else:
-        base = _metrics_from_raw(baseline_raw)
+def _combine(candidate: dict, baseline: dict) -> dict:
+    """Candidate and baseline metrics side by side, with the delta."""
     out: dict[str, dict[str, dict]] = {}
-    for task, metrics in cand.items():
+    for task, metrics in candidate.items():
         for name, m in metrics.items():
-            b = (base.get(task) or {}).get(name) or {}
+            b = (baseline.get(task) or {}).get(name) or {}
             bv, v = b.get("value"), m["value"]
             delta = v - bv if v is not None and bv is not None and math.isfinite(v) and math.isfinite(bv) else None
             out.setdefault(task, {})[name] = {"value": v, "stderr": m["stderr"], "baseline": bv,
@@ -497,16 +493,17 @@ def _check_gate(gate: GateConfig, metrics: dict, tasks: dict) -> dict:
     return result
 
 
-def _error_report(base: dict, gates: list[GateConfig], reason: str, started: float) -> dict:
-    return {**base, "status": "error", "passed": False, "error": reason, "tasks": {}, "metrics": {},
+def _error_report(head: dict, gates: list[GateConfig], error: SwiftCIError, reason: str, started: float) -> dict:
+    return {**head, "status": "error", "passed": False, "error": stages.error(reason, error.kind, error.hint),
+            "tasks": {}, "metrics": {},
             "gates": [{"metric": g.metric, "rule": describe_rule(g), "value": None, "baseline": None,
                        "passed": False, "reason": f"evaluation could not run: {reason}"} for g in gates],
             "wall_seconds": round(time.monotonic() - started, 2)}
 
 
 def _write(out: Path, report: dict) -> None:
-    reports.write_json(out / REPORT, report)
-    reports.write_text(out / MARKDOWN, render_markdown(report))
+    reports.write_json(out / stages.EVALUATE.report, report)
+    reports.write_text(out / stages.EVALUATE.markdown, render_markdown(report))
 
 
 # --- the report people read -------------------------------------------------------------------------------------
@@ -516,7 +513,7 @@ def render_markdown(report: dict) -> str:
     gates = report.get("gates") or []
     failed = [g for g in gates if not g["passed"]]
     if report["status"] == "error":
-        verdict = f"❌ **FAIL** — evaluation could not run: {report.get('error')}"
+        verdict = f"❌ **FAIL** — evaluation could not run: {stages.failure_reason(report)}"
     elif failed:
         verdict = f"❌ **FAIL** — {len(failed)} of {len(gates)} gates failed: " + "; ".join(
             f"`{g['metric']}` {g['reason']}" for g in failed)

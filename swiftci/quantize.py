@@ -12,8 +12,8 @@ Outputs in `<output_dir>/quantize/`:
   model/                  serving-ready: config.json with quantization_config, weights, tokenizer, chat template
   merged/                 the adapter merged into the base (only when train wrote no merged model)
   evaluate/               eval_report.json/.md of the quantized model (when eval gates are reused)
-  quantize_report.json    {"version": 1, "stage": "quantize", "status", "metrics": {size, perplexity, time},
-                          "gates": [...], "passed"}
+  quantize_report.json    {"version": 2, "stage": "quantize", "status", "outputs": {"model": "model"},
+                          "metrics": {size, perplexity, time}, "gates": [...], "passed"}
   quantize_report.md
 """
 
@@ -31,15 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, reports, runinfo
-from swiftci.config import Config
+from swiftci import models, reports, stages
+from swiftci.config import Config, group_size_problem
 from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
 
 STAGE = "quantize"
 QUANTIZER_LOG = "quantizer.log"
-REPORT = "quantize_report.json"
-MARKDOWN = "quantize_report.md"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
@@ -50,26 +47,23 @@ def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
     out = cfg.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    run_id = runinfo.train_run_id(cfg.stage_dir("train"))
-    base = reports.new_report(STAGE, "running", run_id=run_id, method=qc.method, bits=qc.bits,
-                              group_size=qc.group_size, backend=qc.backend)
-    _write(out, {**base, "passed": False})
+    head = reports.new_report(STAGE, stages.RUNNING, run_id=stages.train_run_id(cfg), method=qc.method,
+                              bits=qc.bits, group_size=qc.group_size, backend=qc.backend)
+    _write(out, {**head, "passed": False})
     try:
         source, source_label = _source(cfg, model_dir, out)
-        check_fits(source, qc.group_size, qc.method, qc.bits)
-        report = _quantize_and_measure(cfg, base, source, source_label, out, started)
-    except SwiftCIError as e:
-        _write(out, {**base, "status": "error", "passed": False, "reason": str(e), "gates": []})
-        raise
-    except Exception as e:
-        _write(out, {**base, "status": "error", "passed": False, "reason": f"{type(e).__name__}: {e}",
-                     "gates": []})
+        check_fits(source, qc.group_size)
+        report = _quantize_and_measure(cfg, head, source, source_label, out, started)
+    except Exception as e:  # whatever broke is recorded in the report, then raised
+        _write(out, {**head, "status": "error", "passed": False, "error": stages.error_of(e), "gates": []})
+        if isinstance(e, SwiftCIError):
+            raise
         raise StageError(f"quantization failed: {type(e).__name__}: {e}") from e
     _write(out, report)
     if not report["passed"]:
         failed = [g for g in report["gates"] if not g["passed"]]
         raise GateFailed("quantization gate failed: " + "; ".join(f"{g['metric']} {g['reason']}" for g in failed)
-                         + f" (report: {out / MARKDOWN})")
+                         + f" (report: {out / stages.QUANTIZE.markdown})")
     return report
 
 
@@ -95,14 +89,10 @@ def _source(cfg: Config, model_dir: Path | None, out: Path) -> tuple[Path, str]:
             with models.offline_if_local(False):
                 return Path(snapshot_download(cfg.model.id, revision=cfg.model.revision)), cfg.model.id
         return local, cfg.model.id
-    train_dir = cfg.stage_dir("train")
-    report_path = train_dir / "train_report.json"
-    if not report_path.is_file() or reports.read_json(report_path).get("status") != "ok":
-        raise StageError(f"no finished training in {train_dir}; run `swiftci train` first, or pass --model")
-    outputs = reports.read_json(report_path).get("outputs") or {}
-    if "model" in outputs:
-        return train_dir / outputs["model"], f"train/{outputs['model']}"
-    return _merge(cfg, train_dir / outputs["adapter"], out), "train/adapter (merged into the base)"
+    trained = stages.produced(cfg, "train", prefer=("model", "adapter"))
+    if trained.kind == "model":
+        return trained.path, f"train/{trained.path.name}"
+    return _merge(cfg, trained.path, out), "train/adapter (merged into the base)"
 
 
 def _merge(cfg: Config, adapter: Path, out: Path) -> Path:
@@ -113,7 +103,7 @@ def _merge(cfg: Config, adapter: Path, out: Path) -> Path:
     print(f"merging {adapter.name} into {cfg.model.id} before quantizing", flush=True)
     tokenizer = models.load_tokenizer(str(adapter), None, adapter)
     base = models.load_causal_lm(cfg.model.id, cfg.model.revision, cfg.model_local_path,
-                                 dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+                                 dtype=models.compute_dtype("auto")[1])
     tmp = out / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     models.merge_adapter(base, adapter, tmp, tokenizer)
@@ -122,33 +112,15 @@ def _merge(cfg: Config, adapter: Path, out: Path) -> Path:
     return target
 
 
-def layer_input_sizes(config: dict) -> dict[str, int]:
-    """Input sizes of the linear layers a decoder block quantizes (Llama/Qwen/Mistral-style configs)."""
-    hidden = config.get("hidden_size")
-    sizes = {"hidden_size (q/k/v, gate/up projections)": hidden}
-    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
-    if heads and (head_dim or hidden):
-        sizes["attention output (o_proj)"] = heads * (head_dim or hidden // heads)
-    if config.get("intermediate_size"):
-        sizes["intermediate_size (down_proj)"] = config["intermediate_size"]
-    return {k: v for k, v in sizes.items() if v}
-
-
-def check_fits(model_dir: Path, group_size: int, method: str, bits: int) -> None:
+def check_fits(model_dir: Path, group_size: int) -> None:
     """Impossible combinations are usage errors (exit 2) with the fix, found before anything heavy is loaded."""
     config = json.loads((model_dir / "config.json").read_text())
     if "quantization_config" in config:
         raise UsageError(f"{model_dir.name} is already quantized ({config['quantization_config'].get('quant_method')}); "
                          "quantize the unquantized model")
-    if group_size == -1:
-        return
-    bad = {name: size for name, size in layer_input_sizes(config).items() if size % group_size}
-    if bad:
-        sizes = ", ".join(f"{name} = {size}" for name, size in bad.items())
-        divisors = [g for g in (32, 64, 128) if all(s % g == 0 for s in layer_input_sizes(config).values())]
-        fix = (f"set `quantize.group_size` to {' or '.join(map(str, divisors))}" if divisors
-               else "set `quantize.group_size: -1` (one group per output channel)")
-        raise UsageError(f"quantize.group_size: {group_size} does not divide {sizes}; {fix}")
+    problem = group_size_problem(config, group_size)
+    if problem:
+        raise UsageError(f"quantize.group_size: {problem}")
 
 
 # --- quantizing and measuring ----------------------------------------------------------------------------------
@@ -263,10 +235,6 @@ def _restore(saved: tuple[int, int]) -> None:
         os.close(fd)
 
 
-def weights_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-
-
 def _quantize(cfg: Config, source: Path, target: Path, calibration: list[str]) -> float:
     """Quantize `source` into `target` with gptqmodel; returns the seconds spent quantizing."""
     import torch
@@ -334,7 +302,7 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
         ppl_before = perplexity(source, heldout, batch)
         quantize_seconds = _quantize(cfg, source, target, calibration)
         ppl_after = perplexity(target, heldout, batch)
-    size_before, size_after = weights_bytes(source), weights_bytes(target)
+    size_before, size_after = models.weights_bytes(source), models.weights_bytes(target)
     increase = (ppl_after - ppl_before) / ppl_before * 100
     metrics = {
         "size_before_bytes": size_before,
@@ -361,31 +329,31 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
     passed = all(g["passed"] for g in gates)
     metrics["wall_seconds"] = round(time.monotonic() - started, 2)
     report = {**base, "status": "passed" if passed else "failed", "passed": passed, "source_model": source_label,
-              "model_dir": "model", "quantizer_log": QUANTIZER_LOG, "metrics": metrics, "gates": gates}
+              "outputs": {"model": "model"}, "quantizer_log": QUANTIZER_LOG, "metrics": metrics, "gates": gates}
     if evaluation is not None:
-        report["eval"] = {"report": "evaluate/eval_report.json", "baseline": evaluation["baseline"],
+        report["eval"] = {"report": f"evaluate/{stages.EVALUATE.report}", "baseline": evaluation["baseline"],
                           "metrics": evaluation["metrics"], "passed": evaluation["passed"]}
     return report
 
 
 def _reuse_eval_gates(cfg: Config, target: Path, out: Path) -> dict:
-    """The evaluate section's gates on the quantized model; deltas against the unquantized model's eval report."""
+    """The evaluate section's gates on the quantized model; deltas against this run's unquantized eval report."""
     from swiftci import evaluate
 
-    unquantized = cfg.stage_dir("evaluate") / evaluate.REPORT
-    baseline = str(unquantized) if unquantized.is_file() else None
+    unquantized = stages.this_runs_report(cfg, "evaluate")
+    baseline = str(stages.report_path(cfg, "evaluate")) if unquantized is not None else None
     try:
         return evaluate.run(cfg, model_dir=target, baseline=baseline, out_dir=out / "evaluate")
-    except GateFailed:
-        return reports.read_json(out / "evaluate" / evaluate.REPORT)
+    except GateFailed as e:
+        return e.details
 
 
 # --- reports ---------------------------------------------------------------------------------------------------
 
 
 def _write(out: Path, report: dict) -> None:
-    reports.write_json(out / REPORT, report)
-    reports.write_text(out / MARKDOWN, render_markdown(report))
+    reports.write_json(out / stages.QUANTIZE.report, report)
+    reports.write_text(out / stages.QUANTIZE.markdown, render_markdown(report))
 
 
 def _size(n: int | None) -> str:
@@ -404,7 +372,7 @@ def render_markdown(report: dict) -> str:
     if status == "running":
         return f"{title}\n\n⏳ **RUNNING**\n"
     if status == "error":
-        return f"{title}\n\n❌ **FAIL** — quantization could not run: {report.get('reason')}\n"
+        return f"{title}\n\n❌ **FAIL** — quantization could not run: {stages.failure_reason(report)}\n"
     gates = report.get("gates") or []
     failed = [g for g in gates if not g["passed"]]
     verdict = ("✅ **PASS** — all gates passed" if not failed else

@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from swiftci import reports, runinfo
+from swiftci import reports, runinfo, stages
 from swiftci.config import Config, DeployConfig
 from swiftci.deploy import image as imagelib
 from swiftci.deploy import kube, smoke
 from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
 
 STAGE = "deploy"
-REPORT = "deploy_report.json"
-MARKDOWN = "deploy_report.md"
 
 
 def run(cfg: Config, *, dry_run: bool = False, rollback: bool = False, image: str | None = None) -> dict:
@@ -43,31 +42,25 @@ def run(cfg: Config, *, dry_run: bool = False, rollback: bool = False, image: st
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     lineage = _lineage(cfg)
-    # One report dict, filled in by the steps as they go, so a failure still records how far the deploy got.
-    report = reports.new_report(STAGE, "running", target=dc.target, engine=dc.engine, run_id=lineage["run_id"],
-                                eval_verdict=lineage["eval_verdict"])
-    _write(out, report)
+    head = reports.new_report(STAGE, stages.RUNNING, target=dc.target, engine=dc.engine, run_id=lineage["run_id"],
+                              eval_verdict=lineage["eval_verdict"])
+    _write(out, head)
     try:
         if rollback:
-            _rollback(cfg, dc, out, report)
-        elif dc.target == "local" and dry_run:
-            model_dir, kind = model_to_ship(cfg, dc, lineage)
-            report.update(status="dry_run", model={"path": _rel(cfg, model_dir), "kind": kind},
-                          plan=[f"serve {_rel(cfg, model_dir)} with transformers serve on {dc.local.host}",
-                                f"send {len(dc.smoke.prompts)} smoke prompt(s) through the OpenAI API, then stop"])
+            result = _rollback(cfg, dc)
         elif dc.target == "local":
-            _local(cfg, dc, out, report)
+            result = _local(cfg, dc, out, lineage, dry_run=dry_run)
         else:
-            _kubernetes(cfg, dc, out, report, lineage, dry_run=dry_run, prebuilt=image)
+            result = _kubernetes(cfg, dc, out, lineage, dry_run=dry_run, prebuilt=image)
     except Exception as e:
-        report["status"] = report["status"] if report.get("status") not in ("running", None) else "failed"
-        report["reason"] = _reason(e)
-        report["wall_seconds"] = round(time.monotonic() - started, 2)
-        _write(out, report)
+        # how far the deploy got (a strategy's error carries it), so a failure still records it
+        got = e.details if isinstance(e, SwiftCIError) else {}
+        _write(out, {**head, "status": "failed", **got, "error": stages.error_of(e),
+                     "wall_seconds": round(time.monotonic() - started, 2)})
         if isinstance(e, SwiftCIError):
             raise
         raise StageError(f"deploy failed: {type(e).__name__}: {e}") from e
-    report["wall_seconds"] = round(time.monotonic() - started, 2)
+    report = {**head, **result, "wall_seconds": round(time.monotonic() - started, 2)}
     _write(out, report)
     return report
 
@@ -77,25 +70,26 @@ def _reason(e: BaseException) -> str:
     return str(e) if isinstance(e, SwiftCIError) else f"{type(e).__name__}: {e}"
 
 
+def _failing(e: SwiftCIError, got: dict) -> SwiftCIError:
+    """`e`, carrying what had been done before it (a strategy's partial result, for the report)."""
+    e.details = {**got, **e.details}
+    return e
+
+
 # --- what ships -------------------------------------------------------------------------------------------------
 
 
 def _lineage(cfg: Config) -> dict:
-    def read(stage: str, name: str) -> dict:
-        path = cfg.stage_dir(stage) / name
-        return reports.read_json(path) if path.is_file() else {}
-
-    train, ev, quant = (read("train", "train_report.json"), read("evaluate", "eval_report.json"),
-                        read("quantize", "quantize_report.json"))
-    run_id = train.get("run_id")
-    # a report from an earlier run left in the same folder says nothing about this model
-    ev, quant = ({} if r and run_id and r.get("run_id") not in (None, run_id) else r for r in (ev, quant))
-    verdict = None
-    if ev:
-        verdict = "passed" if ev.get("passed") else "failed"
-    base = read("train", "run.json").get("base_model") or {}
-    return {"run_id": run_id, "eval_verdict": verdict, "eval": ev, "quantize": quant,
-            "train": train, "git": runinfo.git_commit(cfg.resolve(".")),
+    """What this run made, from the earlier stages' reports (a report of another run says nothing about it)."""
+    train = stages.read_report(cfg, "train") or {}
+    ev, quant = stages.this_runs_report(cfg, "evaluate") or {}, stages.this_runs_report(cfg, "quantize") or {}
+    verdict = ("passed" if ev.get("passed") else "failed") if ev else None
+    try:
+        base = reports.read_json(cfg.stage_dir("train") / "run.json").get("base_model") or {}
+    except (OSError, ValueError):
+        base = {}
+    return {"run_id": train.get("run_id"), "eval_verdict": verdict, "eval": ev, "quantize": quant,
+            "git": runinfo.git_commit(cfg.resolve(".")),
             "base_revision": base.get("revision_resolved") or base.get("sha256") or cfg.model.revision}
 
 
@@ -109,25 +103,27 @@ def model_to_ship(cfg: Config, dc: DeployConfig, lineage: dict) -> tuple[Path, s
         raise GateFailed(f"deploy refuses a model whose evaluation did not pass (eval report: {state}); "
                          "run `swiftci evaluate` and fix what it reports")
     quant = lineage["quantize"]
-    quantized = cfg.stage_dir("quantize") / "model"
     want_quantized = dc.model == "quantized" or (dc.model == "auto" and cfg.quantize is not None)
     if want_quantized:
         if not quant:
             raise StageError("deploy.model: there is no quantize report; run `swiftci quantize` first, or ship "
                              "`model: merged`")
-        if quant.get("passed") is not True or not (quantized / "config.json").is_file():
+        try:
+            quantized = stages.produced(cfg, "quantize", prefer=("model",))
+        except StageError:
             raise GateFailed(f"deploy.model: the quantized model has not passed its gates (quantize report: "
                              f"{quant.get('status', 'missing')}); run `swiftci quantize`, or ship "
-                             "`model: merged`")
-        return quantized, f"quantized ({quant.get('method', '?')} {quant.get('bits', '?')}-bit)"
-    train = lineage["train"]
-    outputs = train.get("outputs") or {}
-    if "model" in outputs and (cfg.stage_dir("train") / outputs["model"] / "config.json").is_file():
-        return cfg.stage_dir("train") / outputs["model"], "merged" if "adapter" in outputs else "full"
+                             "`model: merged`") from None
+        return quantized.path, f"quantized ({quant.get('method', '?')} {quant.get('bits', '?')}-bit)"
     if cfg.train is None and cfg.model_local_path is not None:
         return cfg.model_local_path, "base"
-    raise UsageError("deploy.model: there is no full model to ship; set `train.merge: true` (or add a quantize "
-                     "section) and train again")
+    try:
+        trained = stages.produced(cfg, "train", prefer=("model",))
+    except StageError:
+        raise UsageError("deploy.model: there is no full model to ship; set `train.merge: true` (or add a quantize "
+                         "section) and train again") from None
+    outputs = (stages.read_report(cfg, "train") or {}).get("outputs") or {}
+    return trained.path, "merged" if "adapter" in outputs else "full"
 
 
 def _quantization(model_dir: Path) -> str | None:
@@ -138,97 +134,123 @@ def _quantization(model_dir: Path) -> str | None:
 # --- target: local ------------------------------------------------------------------------------------------------
 
 
-def _local(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
+def _local(cfg: Config, dc: DeployConfig, out: Path, lineage: dict, *, dry_run: bool) -> dict:
+    """Serve here with `transformers serve`, run the smoke prompts, stop; or, with --dry-run, say so."""
     from swiftci.deploy import local
 
-    model_dir, kind = model_to_ship(cfg, dc, _lineage(cfg))
-    report["model"] = {"path": _rel(cfg, model_dir), "kind": kind}
+    model_dir, kind = model_to_ship(cfg, dc, lineage)
+    shipped = {"model": {"path": _rel(cfg, model_dir), "kind": kind}}
+    if dry_run:
+        return {**shipped, "status": "dry_run",
+                "plan": [f"serve {_rel(cfg, model_dir)} with transformers serve on {dc.local.host}",
+                         f"send {len(dc.smoke.prompts)} smoke prompt(s) through the OpenAI API, then stop"]}
     served = local.serve_and_smoke(model_dir, dc, out)
-    report.update(local=served, smoke=served["smoke"])
+    result = {**shipped, "local": served, "smoke": served["smoke"]}
     if not served["smoke"]["passed"]:
-        report["status"] = "failed"
         failed = [r for r in served["smoke"]["results"] if not r["passed"]]
-        _write(out, report)
-        raise GateFailed("smoke test failed: " + "; ".join(f"{r['prompt']!r}: {r['reason']}" for r in failed))
-    report["status"] = "served"
-    return report
+        raise GateFailed("smoke test failed: " + "; ".join(f"{r['prompt']!r}: {r['reason']}" for r in failed),
+                         details=result)
+    return {**result, "status": "served"}
 
 
 # --- target: kubernetes -------------------------------------------------------------------------------------------
 
 
-def _kubernetes(cfg: Config, dc: DeployConfig, out: Path, report: dict, lineage: dict, *, dry_run: bool,
+def _kubernetes(cfg: Config, dc: DeployConfig, out: Path, lineage: dict, *, dry_run: bool,
                 prebuilt: str | None) -> dict:
+    """Render and validate the manifests; unless --dry-run, build and push the image (or take --image), then roll
+    it out with the configured strategy. Returns the report's deploy fields."""
     name = dc.name or cfg.name
-    git_sha = lineage["git"].get("sha")
-    tags = [t for t in (lineage["run_id"], git_sha) if t] or ["latest-build"]
-    report.update(name=name, namespace=dc.namespace, strategy=dc.strategy)
-
+    result: dict = {"name": name, "namespace": dc.namespace, "strategy": dc.strategy}
     if prebuilt is not None:
         if "@sha256:" not in prebuilt:
             raise UsageError("--image: give a digest reference, e.g. registry/repo@sha256:…")
-        digest = prebuilt.split("@", 1)[1]
-        repository = prebuilt.split("@", 1)[0]
-        report["image"] = {"repository": repository, "digest": digest, "ref": prebuilt, "built": False}
-        quantization = None
+        repository, digest = prebuilt.split("@", 1)
+        result["image"] = {"repository": repository, "digest": digest, "ref": prebuilt, "built": False}
     else:
-        model_dir, kind = model_to_ship(cfg, dc, lineage)
-        quantization = _quantization(model_dir)
-        labels = _labels(cfg, dc, name, lineage, git_sha, quantization)
-        text = imagelib.dockerfile(dc.engine, dc.engine_image, name, dc.port, labels,
-                                   imagelib.weight_files(model_dir), quantization)
-        imagelib.build_context(model_dir, out / "context", text)
-        reports.write_text(out / "Dockerfile", text)
-        report["model"] = {"path": _rel(cfg, model_dir), "kind": kind, "quantization": quantization}
-        repository = dc.image
-        report["image"] = {"repository": repository, "tags": tags, "dockerfile": "Dockerfile", "built": True}
-        digest = None
+        result.update(_image_context(cfg, dc, out, name, lineage))
+        repository, digest = dc.image, None
+    manifests = _validated_manifests(dc, name, repository, digest, lineage["run_id"], lineage["eval_verdict"])
+    reports.write_text(out / "manifests.yaml", yaml.safe_dump_all(manifests, sort_keys=False))
+    result["manifests"] = "manifests.yaml"
+    if dry_run:
+        return {**result, "status": "dry_run", "plan": _plan(dc, manifests, result["image"], prebuilt)}
+    if digest is None:
+        result["image"].update(_build(cfg, dc, out, repository, result["image"]["tags"]))
+        digest = result["image"]["digest"]
+    result["image_digest"] = digest
+    release = kube.Release(image=f"{repository}@{digest}", digest=digest, run_id=lineage["run_id"],
+                           eval_verdict=lineage["eval_verdict"])
+    try:
+        return {**result, **_roll_out(cfg, dc, name, release, out)}
+    except SwiftCIError as e:
+        raise _failing(e, result) from None
 
+
+def _image_context(cfg: Config, dc: DeployConfig, out: Path, name: str, lineage: dict) -> dict:
+    """The Dockerfile and build context of the model that ships (the engine image untouched, weights in their own
+    layers); returns the report's model and image fields."""
+    model_dir, kind = model_to_ship(cfg, dc, lineage)
+    quantization = _quantization(model_dir)
+    git_sha = lineage["git"].get("sha")
+    labels = _labels(cfg, dc, name, lineage, git_sha, quantization)
+    text = imagelib.dockerfile(dc.engine, dc.engine_image, name, dc.port, labels,
+                               imagelib.weight_files(model_dir), quantization)
+    imagelib.build_context(model_dir, out / "context", text)
+    reports.write_text(out / "Dockerfile", text)
+    tags = [t for t in (lineage["run_id"], git_sha) if t] or ["latest-build"]
+    return {"model": {"path": _rel(cfg, model_dir), "kind": kind, "quantization": quantization},
+            "image": {"repository": dc.image, "tags": tags, "dockerfile": "Dockerfile", "built": True}}
+
+
+def _validated_manifests(dc: DeployConfig, name: str, repository: str, digest: str | None, run_id: str | None,
+                         verdict: str | None) -> list[dict]:
+    """The manifests a rollout applies, validated against the real Kubernetes schemas before anything is built."""
     pending = kube.Release(image=f"{repository}@{digest or 'sha256:' + '0' * 64}", digest=digest or "sha256:pending",
-                           run_id=lineage["run_id"], eval_verdict=lineage["eval_verdict"])
+                           run_id=run_id, eval_verdict=verdict)
     manifests = kube.stable_manifests(dc, name, pending, [])
     if dc.strategy == "canary":
         manifests.append(kube.deployment(dc, name, pending, [], track="canary", replicas=kube.canary_replicas(dc)))
     kube.validate(manifests, dc.kubernetes_version)
-    reports.write_text(out / "manifests.yaml", yaml.safe_dump_all(manifests, sort_keys=False))
-    report["manifests"] = "manifests.yaml"
+    return manifests
 
-    if dry_run:
-        plan = [f"build {dc.engine} image FROM {dc.engine_image} with the model in its own layers"
-                if prebuilt is None else f"deploy the prebuilt image {prebuilt}",
-                f"push {repository}:{', '.join(tags)} and deploy it by digest" if prebuilt is None else "",
-                f"server-side apply {', '.join(m['kind'] + '/' + m['metadata']['name'] for m in manifests)} "
-                f"in namespace {dc.namespace}",
-                f"strategy {dc.strategy}: wait for the rollout, smoke-test "
-                f"{len(dc.smoke.prompts)} prompt(s), roll back on failure"]
-        report.update(status="dry_run", plan=[p for p in plan if p])
-        return report
 
-    if digest is None:
-        builder = imagelib.pick_builder(dc.builder)
-        t0 = time.monotonic()
-        stamp = runinfo.git(cfg.resolve("."), "log", "-1", "--format=%ct")
-        digest = imagelib.build_and_push(builder, out / "context", repository, tags, dc.insecure_registry,
-                                         timestamp=int(stamp) if stamp and stamp.isdigit() else 0)
-        report["image"].update({"digest": digest, "ref": f"{repository}@{digest}", "builder": builder,
-                                "build_seconds": round(time.monotonic() - t0, 2)})
-    report["image_digest"] = digest
-    release = kube.Release(image=f"{repository}@{digest}", digest=digest, run_id=lineage["run_id"],
-                           eval_verdict=lineage["eval_verdict"])
+def _plan(dc: DeployConfig, manifests: list[dict], image: dict, prebuilt: str | None) -> list[str]:
+    plan = [f"build {dc.engine} image FROM {dc.engine_image} with the model in its own layers"
+            if prebuilt is None else f"deploy the prebuilt image {prebuilt}",
+            f"push {image['repository']}:{', '.join(image['tags'])} and deploy it by digest" if prebuilt is None else "",
+            f"server-side apply {', '.join(m['kind'] + '/' + m['metadata']['name'] for m in manifests)} "
+            f"in namespace {dc.namespace}",
+            f"strategy {dc.strategy}: wait for the rollout, smoke-test {len(dc.smoke.prompts)} prompt(s), roll back "
+            "on failure"]
+    return [p for p in plan if p]
+
+
+def _build(cfg: Config, dc: DeployConfig, out: Path, repository: str, tags: list[str]) -> dict:
+    """Build and push the image; returns its digest and how it was built."""
+    builder = imagelib.pick_builder(dc.builder)
+    t0 = time.monotonic()
+    stamp = runinfo.git(cfg.resolve("."), "log", "-1", "--format=%ct")
+    digest = imagelib.build_and_push(builder, out / "context", repository, tags, dc.insecure_registry,
+                                     timestamp=int(stamp) if stamp and stamp.isdigit() else 0)
+    return {"digest": digest, "ref": f"{repository}@{digest}", "builder": builder,
+            "build_seconds": round(time.monotonic() - t0, 2)}
+
+
+def _roll_out(cfg: Config, dc: DeployConfig, name: str, release: kube.Release, out: Path) -> dict:
+    """Nothing when this digest already runs with this spec; else the configured strategy."""
     cluster = kube.Cluster(dc.context)
     current = cluster.get("Deployment", dc.namespace, name)
     history = _history(current)
-    report["history"] = history
     wanted = kube.deployment(dc, name, release, history)
-    if (current is not None and _digest_of(current) == digest
+    if (current is not None and _digest_of(current) == release.digest
             and _annotation(current, kube.SPEC_HASH) == wanted["metadata"]["annotations"][kube.SPEC_HASH]):
-        report.update(status="unchanged", rollout={"result": "unchanged",
-                                                    "reason": f"{digest[:19]}… already runs with this spec; "
-                                                              "nothing applied"})
-        return report
+        return {"status": "unchanged", "history": history,
+                "rollout": {"result": "unchanged",
+                            "reason": f"{release.digest[:19]}… already runs with this spec; nothing applied"}}
     if dc.strategy == "canary":
-        return _canary(cfg, cluster, dc, name, release, history, report, out, current)
-    return _rolling(cluster, dc, name, release, history, report, current=current)
+        return _canary(cfg, cluster, dc, name, release, history, out, current)
+    return _rolling(cluster, dc, name, release, history, current=current)
 
 
 def _labels(cfg: Config, dc: DeployConfig, name: str, lineage: dict, git_sha: str | None,
@@ -337,110 +359,138 @@ def _release_of(deployment: dict) -> kube.Release:
                         eval_verdict=annotations.get(kube.VERDICT) or None)
 
 
-def _rolling(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, history: list[dict],
-             report: dict, *, current: dict | None, smoke_test: bool = True) -> dict:
+@dataclass
+class Attempt:
+    """How a new revision (or a canary) fared: its rollout, its smoke test, and why it must not stay (None: it
+    passed); `gate` when that was a quality gate (the smoke test, the canary's eval gates), not the rollout."""
+
+    rollout: dict
+    smoke: dict | None = None
+    why: str | None = None
+    gate: bool = False
+
+    def fields(self) -> dict:
+        return {"smoke": self.smoke} if self.smoke is not None else {}
+
+
+def _rolling(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, history: list[dict], *,
+             current: dict | None, smoke_test: bool = True) -> dict:
     """Apply, watch, smoke-test; on ANY failure on the way — rollout, crash loop, smoke test, an API or network
-    error — return to what served before and raise with the reason."""
+    error — return to what served before and raise with the reason (its details: how far the deploy got)."""
     previous = _previous_good(history, release.digest)
     if previous is None and current is not None and _digest_of(current) != release.digest:
         previous = _release_of(current)  # it served before but its history has no good entry: restore it anyway
-    report["previous_digest"] = previous.digest if previous else None
-    rollout = {"result": "failed", "reason": "", "revision": release.revision}
-    report["rollout"] = rollout
-    why, gate = None, False
+    attempt = _attempt(cluster, dc, name, release, history, smoke_test)
+    result = {"previous_digest": previous.digest if previous else None, "rollout": attempt.rollout,
+              **attempt.fields()}
+    if attempt.why is None:
+        final = history + [kube.history_entry(release, "good")]
+        _record(cluster, dc, name, final)
+        return {**result, "status": "deployed", "history": final}
+    failed = history + [kube.history_entry(release, "rolled_back", reason=attempt.why[:300])]
+    back = _restore(cluster, dc, name, release, previous, failed)
+    result = {**result, "status": "rolled_back", "history": failed, "rollout": {**attempt.rollout, "rollback": back}}
+    if not back["ok"]:
+        raise StageError(f"{attempt.why}; the rollback did not finish either: {back['reason']}",
+                         details={**result, "status": "failed"})
+    if attempt.gate:
+        raise GateFailed(f"{attempt.why}; rolled back", details=result)
+    raise StageError(f"rollout failed and was rolled back: {attempt.why}", details=result)
+
+
+def _attempt(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release, history: list[dict],
+             smoke_test: bool) -> Attempt:
+    """Apply the new revision, wait for its rollout, smoke-test it."""
+    attempt = Attempt({"result": "failed", "reason": "", "revision": release.revision})
     try:
         ok, reason, seconds = _apply_stable(cluster, dc, name, release, history + [
             kube.history_entry(release, "deploying")])
-        rollout.update(result="rolled out" if ok else "failed", reason=reason, seconds=round(seconds, 2))
+        attempt.rollout.update(result="rolled out" if ok else "failed", reason=reason, seconds=round(seconds, 2))
         if not ok:
-            why = reason
+            attempt.why = reason
         elif smoke_test:
-            result = _smoke(cluster, dc, name, release, "stable")
-            report["smoke"] = result
-            if not result["passed"]:
-                why, gate = _smoke_failure(result), True
+            attempt.smoke = _smoke(cluster, dc, name, release, "stable")
+            if not attempt.smoke["passed"]:
+                attempt.why, attempt.gate = _smoke_failure(attempt.smoke), True
     except Exception as e:  # noqa: BLE001 - whatever broke, the new revision must not stay in service
-        why = _reason(e)
-    if why is None:
-        final = history + [kube.history_entry(release, "good")]
-        _record(cluster, dc, name, final)
-        report.update(status="deployed", history=final)
-        return report
+        attempt.why = _reason(e)
+    return attempt
 
-    failed = history + [kube.history_entry(release, "rolled_back", reason=why[:300])]
-    report.update(status="rolled_back", history=failed)
+
+def _restore(cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release,
+             previous: kube.Release | None, history: list[dict]) -> dict:
+    """Put back what served before `release`, or scale `release` to 0 when nothing did."""
     try:
         if previous is not None:
-            back_ok, back_reason, back_s = _apply_stable(cluster, dc, name, previous, failed)
-            rollout["rollback"] = {"to": previous.digest, "run_id": previous.run_id, "ok": back_ok,
-                                   "reason": back_reason, "seconds": round(back_s, 2)}
-        else:  # nothing served before this deploy: take the broken revision out of service
-            cluster.apply(kube.deployment(dc, name, release, failed, replicas=0))
-            back_ok, back_reason = True, "no earlier revision: scaled to 0 replicas"
-            rollout["rollback"] = {"to": None, "ok": True, "reason": back_reason}
-    except Exception as e:  # noqa: BLE001
-        back_ok, back_reason = False, f"{type(e).__name__}: {e}"
-        rollout["rollback"] = {"to": previous.digest if previous else None, "ok": False, "reason": back_reason}
-    if not back_ok:
-        report["status"] = "failed"
-        raise StageError(f"{why}; the rollback did not finish either: {back_reason}")
-    if gate:
-        raise GateFailed(f"{why}; rolled back")
-    raise StageError(f"rollout failed and was rolled back: {why}")
+            ok, reason, seconds = _apply_stable(cluster, dc, name, previous, history)
+            return {"to": previous.digest, "run_id": previous.run_id, "ok": ok, "reason": reason,
+                    "seconds": round(seconds, 2)}
+        cluster.apply(kube.deployment(dc, name, release, history, replicas=0))
+        return {"to": None, "ok": True, "reason": "no earlier revision: scaled to 0 replicas"}
+    except Exception as e:  # noqa: BLE001 - a rollback that fails is reported beside the first failure
+        return {"to": previous.digest if previous else None, "ok": False, "reason": f"{type(e).__name__}: {e}"}
 
 
 def _canary(cfg: Config, cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release,
-            history: list[dict], report: dict, out: Path, current: dict | None) -> dict:
+            history: list[dict], out: Path, current: dict | None) -> dict:
     """`<name>-canary` beside the stable pods, behind the same Service; promoted when it passes, and removed in
     every case once the decision is made (also when anything fails on the way)."""
     replicas = kube.canary_replicas(dc)
-    canary = kube.deployment(dc, name, release, history, track="canary", replicas=replicas)
-    kube.validate([canary], dc.kubernetes_version)
-    report["canary"] = {"replicas": replicas, "stable_replicas": dc.replicas, "result": "pending"}
+    manifest = kube.deployment(dc, name, release, history, track="canary", replicas=replicas)
+    kube.validate([manifest], dc.kubernetes_version)
+    canary = {"replicas": replicas, "stable_replicas": dc.replicas, "result": "pending"}
     cluster.apply(kube.service(dc, name))
     try:
-        why, gate = None, False
-        try:
-            applied = cluster.apply(canary)
-            ok, reason = cluster.wait_rollout(dc.namespace, f"{name}-canary",
-                                              applied["metadata"].get("generation") or 1, replicas,
-                                              release.revision, dc.timeouts.rollout_seconds)
-            report["canary"].update(rollout=reason, ok=ok)
-            if not ok:
-                why = f"canary rollout failed: {reason}"
-            else:
-                result = _smoke(cluster, dc, name, release, "canary")
-                report["smoke"] = result
-                if not result["passed"]:
-                    why, gate = f"canary {_smoke_failure(result)}", True
-                elif dc.canary.evaluate:
-                    scored = _score_canary(cfg, dc, name, out, dc.smoke.url)
-                    report["canary"]["evaluate"] = {"passed": scored["passed"], "gates": scored["gates"]}
-                    if not scored["passed"]:
-                        why, gate = "canary eval gates failed: " + "; ".join(
-                            f"{g['metric']} {g['reason']}" for g in scored["gates"] if not g["passed"]), True
-        except Exception as e:  # noqa: BLE001 - the canary is removed below whatever happened
-            why = _reason(e)
-        if why is not None:
-            aborted = history + [kube.history_entry(release, "canary_aborted", reason=why[:300])]
+        trial = _try_canary(cfg, cluster, dc, name, release, manifest, out)
+        canary.update(trial.rollout)
+        if trial.why is not None:
+            aborted = history + [kube.history_entry(release, "canary_aborted", reason=trial.why[:300])]
             if current is not None:  # recorded on the stable Deployment, whose spec and pods stay untouched
                 _record(cluster, dc, name, aborted)
-            report.update(status="canary_aborted", history=aborted)
-            report["canary"]["result"] = "aborted"
-            if gate:
-                raise GateFailed(f"{why}; the canary was removed and the stable pods were never touched")
-            raise StageError(f"{why}; the canary was removed and the stable pods were never touched")
-        report["canary"]["result"] = "promoting"
+            canary["result"] = "aborted"
+            got = {"status": "canary_aborted", "history": aborted, "canary": canary, **trial.fields()}
+            error = GateFailed if trial.gate else StageError
+            raise error(f"{trial.why}; the canary was removed and the stable pods were never touched", details=got)
+        canary["result"] = "promoting"
         # the canary already answered the smoke prompts with this very image: the stable rollout is watched
         # (and rolled back on failure) without sending them again through an endpoint that may be the canary's
-        _rolling(cluster, dc, name, release, history, report, current=current, smoke_test=False)
-        report["canary"]["result"] = "promoted"
-        return report
+        try:
+            promoted = _rolling(cluster, dc, name, release, history, current=current, smoke_test=False)
+        except SwiftCIError as e:
+            raise _failing(e, {"canary": canary, **trial.fields()}) from None
+        canary["result"] = "promoted"
+        return {**promoted, "canary": canary, **trial.fields()}
     finally:
         try:
             cluster.delete("Deployment", dc.namespace, f"{name}-canary")
         except Exception as e:  # noqa: BLE001 - say so: a leftover canary keeps taking traffic
-            report["canary"]["cleanup"] = f"could not delete {name}-canary: {type(e).__name__}: {e}"
+            canary["cleanup"] = f"could not delete {name}-canary: {type(e).__name__}: {e}"
+
+
+def _try_canary(cfg: Config, cluster: kube.Cluster, dc: DeployConfig, name: str, release: kube.Release,
+                manifest: dict, out: Path) -> Attempt:
+    """Apply the canary, wait for it, smoke-test it, and score the eval gates through it when asked."""
+    trial = Attempt({})
+    try:
+        applied = cluster.apply(manifest)
+        ok, reason = cluster.wait_rollout(dc.namespace, f"{name}-canary", applied["metadata"].get("generation") or 1,
+                                          kube.canary_replicas(dc), release.revision, dc.timeouts.rollout_seconds)
+        trial.rollout.update(rollout=reason, ok=ok)
+        if not ok:
+            trial.why = f"canary rollout failed: {reason}"
+            return trial
+        trial.smoke = _smoke(cluster, dc, name, release, "canary")
+        if not trial.smoke["passed"]:
+            trial.why, trial.gate = f"canary {_smoke_failure(trial.smoke)}", True
+        elif dc.canary.evaluate:
+            scored = _score_canary(cfg, dc, name, out, dc.smoke.url)
+            trial.rollout["evaluate"] = {"passed": scored["passed"], "gates": scored["gates"]}
+            if not scored["passed"]:
+                trial.why, trial.gate = "canary eval gates failed: " + "; ".join(
+                    f"{g['metric']} {g['reason']}" for g in scored["gates"] if not g["passed"]), True
+    except Exception as e:  # noqa: BLE001 - the caller removes the canary whatever happened
+        trial.why = _reason(e)
+    return trial
 
 
 def _score_canary(cfg: Config, dc: DeployConfig, name: str, out: Path, base_url: str) -> dict:
@@ -451,19 +501,19 @@ def _score_canary(cfg: Config, dc: DeployConfig, name: str, out: Path, base_url:
     tasks = dc.canary.tasks or ev.tasks
     scoped = cfg.model_copy(update={"evaluate": ev.model_copy(update={
         "tasks": tasks, "gates": [g for g in ev.gates if g.task in tasks]})})
-    offline = cfg.stage_dir("evaluate") / evaluate.REPORT
+    offline = stages.report_path(cfg, "evaluate")
     try:
         return evaluate.run(scoped, baseline=str(offline) if offline.is_file() else "none",
                             out_dir=out / "canary-eval",
                             endpoint=(base_url, imagelib.served_model_name(dc.engine, name)))
-    except GateFailed:
-        return reports.read_json(out / "canary-eval" / evaluate.REPORT)
+    except GateFailed as e:
+        return e.details
 
 
 # --- rollback ---------------------------------------------------------------------------------------------------
 
 
-def _rollback(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
+def _rollback(cfg: Config, dc: DeployConfig) -> dict:
     """Return to the last good revision deployed BEFORE the current one was first deployed (so a second
     --rollback keeps going back instead of returning to where the first one came from)."""
     if dc.target != "kubernetes":
@@ -474,21 +524,20 @@ def _rollback(cfg: Config, dc: DeployConfig, out: Path, report: dict) -> dict:
     if current is None:
         raise UsageError(f"--rollback: there is no Deployment {dc.namespace}/{name} to roll back")
     history = _history(current)
-    report.update(name=name, namespace=dc.namespace, strategy="rollback", history=history)
+    result = {"name": name, "namespace": dc.namespace, "strategy": "rollback", "history": history}
     target = _before_current(history, _digest_of(current) or "")
     if target is None:
-        raise UsageError(f"--rollback: the history of {name} has no good revision before the current one")
+        raise UsageError(f"--rollback: the history of {name} has no good revision before the current one",
+                         details=result)
     entries = history + [kube.history_entry(target, "deploying", rollback=True)]
     ok, reason, seconds = _apply_stable(cluster, dc, name, target, entries)
-    report["rollout"] = {"result": "rolled back" if ok else "failed", "reason": reason, "seconds": round(seconds, 2),
-                         "revision": target.revision}
-    report["image_digest"] = target.digest
+    result.update(image_digest=target.digest, rollout={"result": "rolled back" if ok else "failed", "reason": reason,
+                                                       "seconds": round(seconds, 2), "revision": target.revision})
     if not ok:
-        raise StageError(f"rollback to {target.revision} did not finish: {reason}")
+        raise StageError(f"rollback to {target.revision} did not finish: {reason}", details=result)
     final = history + [kube.history_entry(target, "good", rollback=True)]
     _record(cluster, dc, name, final)
-    report.update(status="rolled_back_by_request", history=final)
-    return report
+    return {**result, "status": "rolled_back_by_request", "history": final}
 
 
 def _before_current(history: list[dict], current_digest: str) -> kube.Release | None:
@@ -509,8 +558,8 @@ def _rel(cfg: Config, path: Path) -> str:
 
 
 def _write(out: Path, report: dict) -> None:
-    reports.write_json(out / REPORT, report)
-    reports.write_text(out / MARKDOWN, render_markdown(report))
+    reports.write_json(out / stages.DEPLOY.report, report)
+    reports.write_text(out / stages.DEPLOY.markdown, render_markdown(report))
 
 
 ICON = {"deployed": "✅", "served": "✅", "unchanged": "✅", "dry_run": "📝", "rolled_back_by_request": "↩️",
@@ -521,7 +570,7 @@ def render_markdown(report: dict) -> str:
     status = report.get("status", "?")
     lines = [f"### swiftci deploy — {report.get('target')}", "",
              f"{ICON.get(status, '')} **{status.replace('_', ' ').upper()}**"
-             + (f" — {report['reason']}" if report.get("reason") else "")]
+             + (f" — {stages.failure_reason(report)}" if stages.failure_reason(report) else "")]
     rows = []
     if report.get("model"):
         rows.append(("model", f"`{report['model']['path']}` ({report['model']['kind']})"))

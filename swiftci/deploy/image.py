@@ -16,11 +16,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from swiftci import models
 from swiftci.errors import StageError, UsageError
 
 MODEL_ROOT = "/models"
 USER = "1000:1000"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 @dataclass
@@ -89,7 +89,7 @@ def build_context(model_dir: Path, ctx: Path, dockerfile_text: str) -> list[str]
     weights = []
     for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         rel = f.relative_to(model_dir)
-        is_weight = f.suffix in WEIGHT_SUFFIXES
+        is_weight = f.suffix in models.WEIGHT_SUFFIXES
         dest = ctx / ("model" if is_weight else "model-files") / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -104,7 +104,7 @@ def build_context(model_dir: Path, ctx: Path, dockerfile_text: str) -> list[str]
 
 def weight_files(model_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*")
-                  if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+                  if p.is_file() and p.suffix in models.WEIGHT_SUFFIXES)
 
 
 def pick_builder(choice: str) -> str:

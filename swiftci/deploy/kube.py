@@ -30,6 +30,12 @@ RUN_ID = "swiftci.dev/run-id"
 VERDICT = "swiftci.dev/eval-verdict"
 SPEC_HASH = "swiftci.dev/spec-sha256"  # what re-deploying compares, beside the digest: a changed spec is a change
 HISTORY_KEEP = 20
+# Probe timings. Not settings: `deploy.timeouts.startup_seconds` sets how long a model may take to load (the startup
+# probe's failure threshold follows from it); after that, readiness gates traffic within seconds and liveness
+# restarts a server that has not answered for a minute.
+STARTUP_PERIOD_SECONDS = 10
+READINESS = {"periodSeconds": 5, "failureThreshold": 3}
+LIVENESS = {"periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5}
 BAD_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
                "CreateContainerError", "InvalidImageName", "RunContainerError"}
 
@@ -91,10 +97,10 @@ def deployment(dc: DeployConfig, name: str, release: Release, history: list[dict
                                             "capabilities": {"drop": ["ALL"]}},
                         # model loading can take many minutes: the startup probe allows for it, then readiness
                         # gates traffic and liveness restarts a hung server
-                        "startupProbe": {**probe, "periodSeconds": 10,
-                                         "failureThreshold": max(1, math.ceil(dc.timeouts.startup_seconds / 10))},
-                        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
-                        "livenessProbe": {**probe, "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
+                        "startupProbe": {**probe, "periodSeconds": STARTUP_PERIOD_SECONDS, "failureThreshold": max(
+                            1, math.ceil(dc.timeouts.startup_seconds / STARTUP_PERIOD_SECONDS))},
+                        "readinessProbe": {**probe, **READINESS},
+                        "livenessProbe": {**probe, **LIVENESS},
                         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
                     }],
                     "volumes": [{"name": "tmp", "emptyDir": {}},
@@ -267,7 +273,11 @@ class Cluster:
         """Watch the Deployment until every replica runs the new template, it stops progressing, or its pods
         crash. Returns (ok, reason)."""
         from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
+        # what a watch raises when the API server drops it, times it out or expires its resourceVersion (410)
+        WATCH_DROPPED = (ApiException, HTTPError, OSError, ValueError)  # noqa: N806
         deadline = time.monotonic() + timeout
         last_pod_check = 0.0
         while True:
@@ -306,7 +316,7 @@ class Cluster:
                     if time.monotonic() > deadline:
                         w.stop()
                         break
-            except Exception:  # noqa: BLE001 - a dropped watch is re-opened; the deadline still holds
+            except WATCH_DROPPED:  # the connection or the watch ended early: re-open it; the deadline still holds
                 time.sleep(0.5)
 
     def _crashing(self, ns: str, name: str, revision: str) -> str | None:

@@ -49,7 +49,7 @@ def serve_and_smoke(model_dir: Path, dc: DeployConfig, out: Path) -> dict:
     (hf_home / "hub").mkdir()  # transformers serve lists models from HF_HOME/hub
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     log_path = out / "serve.log"
-    cmd = [cli, "serve", str(model_dir), "--host", host, "--port", str(port), "--device", "cpu"]
+    cmd = [cli, "serve", str(model_dir), "--host", host, "--port", str(port), "--device", dc.local.device]
     started = time.monotonic()
     with open(log_path, "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
