@@ -47,7 +47,8 @@ def test_truncation_keeps_max_length_and_drops_rows_without_targets(tok):
 def test_format_detection():
     assert data.detect_format([{"messages": []}], "auto", "f") == "messages"
     assert data.detect_format([{"instruction": "a", "output": "b"}], "auto", "f") == "alpaca"
-    assert data.detect_format([{"prompt": "a", "chosen": "b", "rejected": "c"}], "auto", "f") == "preference"
+    with pytest.raises(UsageError, match="preference rows .* need preference tuning"):
+        data.detect_format([{"prompt": "a", "chosen": "b", "rejected": "c"}], "auto", "f")
     with pytest.raises(UsageError, match="cannot tell the row format"):
         data.detect_format([{"text": "a"}], "auto", "f")
 

@@ -227,7 +227,7 @@ def test_image_on_the_engine_with_lineage_then_rolled_out_by_digest(trained, tin
     proc = run_deploy(cfg, cluster, containers_env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = read_json(tmp_path / "out/deploy/deploy_report.json")
-    assert report["version"] == 1 and report["stage"] == "deploy" and report["status"] == "deployed"
+    assert report["version"] == 2 and report["stage"] == "deploy" and report["status"] == "deployed"
     digest = report["image"]["digest"]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
     repo = f"{registry['host']}/tiny-reverse"
@@ -581,6 +581,8 @@ def test_deploy_fails_closed_on_the_eval_report(trained, tiny_model, tmp_path, e
         (tmp_path / "out/evaluate/eval_report.json").write_text(json.dumps({"version": 1, **eval_report}))
     proc = swiftci_in_process("deploy", "-c", str(cfg), "--dry-run")
     assert proc.returncode == code and message in proc.stderr, proc.stderr
+    report = read_json(tmp_path / "out/deploy/deploy_report.json")
+    assert report["status"] == "failed" and message in report["error"]["reason"] and report["error"]["hint"]
 
 
 @pytest.mark.skipif(not os.environ.get("SWIFTCI_TEST_KUBE_CONTEXT"),

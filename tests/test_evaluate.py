@@ -46,7 +46,7 @@ def test_pass_with_baseline_scored_on_the_same_weights(trained, tiny_model, tmp_
     proc = evaluate(cfg)
     assert proc.returncode == 0, proc.stderr
     report, md = outputs(cfg)
-    assert report["version"] == 1 and report["stage"] == "evaluate"
+    assert report["version"] == 2 and report["stage"] == "evaluate"
     assert report["status"] == "passed" and report["passed"] is True
     assert report["model_loads"] == 1, "the baseline must reuse the loaded base weights with the adapter disabled"
     # the baseline is the base model, whatever it scores: the same numbers as lm-eval on the base model alone
@@ -122,9 +122,11 @@ def test_fails_closed(trained, tiny_model, tmp_path, task, metric, code, reason)
     assert "Traceback" not in proc.stderr
     report, md = outputs(cfg)
     assert report["passed"] is False and report["status"] in ("failed", "error")
-    assert reason in report["gates"][0]["reason"] or reason in (report.get("error") or "")
+    assert reason in report["gates"][0]["reason"] or reason in (report.get("error") or {}).get("reason", "")
     assert report["gates"][0]["passed"] is False
     assert reason in md and "❌ **FAIL**" in md
+    if report["status"] == "error":  # the one failure shape of every stage
+        assert set(report["error"]) == {"kind", "reason", "hint"} and all(report["error"].values())
 
 
 def test_gate_on_a_metric_the_task_does_not_produce_is_a_config_error(tiny_model, tmp_path):
@@ -213,7 +215,8 @@ def test_markdown_report_golden():
 
 
 def test_markdown_report_for_an_evaluation_that_could_not_run():
-    report = {"version": 1, "stage": "evaluate", "status": "error", "passed": False, "error": "CUDA error",
+    report = {"version": 2, "stage": "evaluate", "status": "error", "passed": False,
+              "error": {"kind": "StageError", "reason": "CUDA error", "hint": "read the job log"},
               "model": {"path": "out/train/adapter", "kind": "adapter"}, "baseline": {"kind": "none"},
               "metrics": {}, "tasks": {},
               "gates": [{"metric": "t/acc", "rule": "≥ 0.5", "value": None, "baseline": None, "passed": False,

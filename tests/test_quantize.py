@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, TINY, clone_trained, read_json, swiftci
+from conftest import ROOT, TINY, clone_trained, read_json, swiftci, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 VALIDATION = TINY / "data" / "validation.jsonl"
@@ -64,7 +64,7 @@ def test_gptq_from_an_adapter(trained, tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out/quantize"
     report = read_json(out / "quantize_report.json")
-    assert report["version"] == 1 and report["stage"] == "quantize" and report["passed"] is True
+    assert report["version"] == 2 and report["stage"] == "quantize" and report["passed"] is True
     assert report["source_model"] == "adapter (adapter merged into the base)" and (out / "merged/config.json").is_file()
     m = report["metrics"]
     assert m["size_after_bytes"] < m["size_before_bytes"] * 0.3  # 4-bit Linear weights, 32-bit before
@@ -151,6 +151,16 @@ def test_a_perplexity_gate_below_the_measured_rise_fails_with_its_reason(trained
     assert "quantization gate failed: perplexity perplexity rose" in proc.stderr and "more than 0%" in proc.stderr
     assert report["status"] == "failed" and report["gates"][0]["passed"] is False
     assert "❌ **FAIL**" in (tmp_path / "out/quantize/quantize_report.md").read_text()
+
+
+def test_quantize_without_a_finished_training_fails_with_its_report(tiny_model, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(tiny_model, tmp_path / "out"))
+    proc = quantize(cfg)
+    assert proc.returncode == 3, proc.stderr
+    report = read_json(tmp_path / "out/quantize/quantize_report.json")
+    assert report["status"] == "error" and report["passed"] is False
+    assert report["error"]["kind"] == "StageError" and "run `swiftci train` first" in report["error"]["reason"]
+    assert "could not run: no train output" in (tmp_path / "out/quantize/quantize_report.md").read_text()
 
 
 @pytest.mark.parametrize("section,message", [

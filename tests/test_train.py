@@ -26,7 +26,7 @@ def lora_run(trained):
 def test_lora_learns_the_task(lora_run, tiny_model):
     out, proc = lora_run
     report = read_json(out / "train_report.json")
-    assert report["version"] == 1 and report["stage"] == "train" and report["status"] == "ok"
+    assert report["version"] == 2 and report["stage"] == "train" and report["status"] == "ok"
     m = report["metrics"]
     assert m["train_loss_last"] < m["train_loss_first"] / 5
     assert m["steps"] == 375 and m["tokens"] > 0 and m["tokens_per_second"] > 0
@@ -158,7 +158,9 @@ def test_bad_data_row_is_a_usage_error(tiny_model, tmp_path):
     proc = swiftci_in_process("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
     assert proc.returncode == 2
     assert "bad.jsonl:2: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
-    assert read_json(tmp_path / "out/train/train_report.json")["status"] == "failed"
+    report = read_json(tmp_path / "out/train/train_report.json")
+    assert report["status"] == "failed" and report["error"]["kind"] == "UsageError"
+    assert "bad.jsonl:2: not valid JSON" in report["error"]["reason"] and report["error"]["hint"]
 
 
 def test_a_second_divergence_never_overwrites_the_first_ones_quarantine(tmp_path):
