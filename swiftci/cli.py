@@ -60,6 +60,26 @@ def _errors_to_exit_codes(fn):
     return wrapper
 
 
+def _expect_option(fn):
+    return click.option(
+        "--expect", "expected", multiple=True, metavar="STAGE=SHA256",
+        help="The file record an earlier stage handed on, e.g. --expect train=3f2a… (its `files-sha256` job "
+             "output): its outputs are used only if they are still those bytes (exit 3 otherwise). Repeatable.")(fn)
+
+
+def _expected(pairs: tuple[str, ...]) -> dict[str, str]:
+    from swiftci.errors import UsageError
+
+    out = {}
+    for pair in pairs:
+        stage, sep, digest = pair.partition("=")
+        if not sep or stage not in STAGE_NAMES or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise UsageError(f"--expect {pair}: expected STAGE=SHA256 with a stage name and a 64-hex-digit digest, "
+                             "e.g. --expect train=<the train job's files-sha256 output>")
+        out[stage] = digest
+    return out
+
+
 def _config_options(fn):
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                       help="Override a config value, e.g. --set train.learning_rate=2e-5 (repeatable).")(fn)
@@ -97,16 +117,17 @@ def _num(x, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _load(config_path: str, overrides: tuple[str, ...]):
-    from swiftci import config
+def _load(config_path: str, overrides: tuple[str, ...], expected: tuple[str, ...] = ()):
+    """The config, its secrets masked in CI logs; with --expect, the earlier stages' file records checked."""
+    from swiftci import config, ghactions, stages
 
-    from swiftci import ghactions
-
+    expect = _expected(expected)
     cfg = config.load(config_path, overrides)
     for value in cfg.env_values:  # values from ${VAR} may be tokens or webhook URLs: keep them out of CI logs
         ghactions.mask(value)
     for w in cfg.warnings:
         click.echo(f"warning: {w}", err=True)
+    stages.check_expected(cfg, expect)
     return cfg
 
 
@@ -158,10 +179,12 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Evaluate this model or adapter folder instead of the train stage's output (e.g. a quantized model).")
 @click.option("--baseline", help="Override evaluate.baseline: `base`, `none` or an earlier eval_report.json.")
+@_expect_option
 @_errors_to_exit_codes
-def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | None, baseline: str | None) -> None:
+def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | None, baseline: str | None,
+             expected: tuple[str, ...]) -> None:
     """Score the model with lm-eval against the baseline and apply the quality gates (exit 1 when one fails)."""
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, overrides, expected)
     if baseline not in (None, "base", "none"):
         baseline = str(Path(baseline).resolve())  # a path on the command line is relative to where it was typed
     report = _run_one(cfg, "evaluate", model_dir=model_dir, baseline=baseline)
@@ -172,10 +195,11 @@ def evaluate(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 @_config_options
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Quantize this model or adapter folder instead of the train stage's output.")
+@_expect_option
 @_errors_to_exit_codes
-def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | None) -> None:
+def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | None, expected: tuple[str, ...]) -> None:
     """Quantize to GPTQ/AWQ (merging a LoRA adapter first) and gate on perplexity and the eval gates."""
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, overrides, expected)
     report = _run_one(cfg, "quantize", model_dir=model_dir)
     click.echo(f"quantize: {report['status']}  model: {cfg.stage_dir('quantize') / 'model'}")
 
@@ -187,11 +211,12 @@ def quantize(config_path: str, overrides: tuple[str, ...], model_dir: Path | Non
 @click.option("--rollback", is_flag=True, help="Return to the last good revision before the current one.")
 @click.option("--image", "image_ref", metavar="REPO@sha256:…",
               help="Deploy this already-pushed image instead of building one (e.g. promote a staging build).")
+@_expect_option
 @_errors_to_exit_codes
 def deploy(config_path: str, overrides: tuple[str, ...], dry_run: bool, rollback: bool,
-           image_ref: str | None) -> None:
+           image_ref: str | None, expected: tuple[str, ...]) -> None:
     """Build the serving image and roll it out (smoke test, automatic rollback), or serve locally."""
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, overrides, expected)
     report = _run_one(cfg, "deploy", dry_run=dry_run, rollback=rollback, image=image_ref)
     click.echo(f"deploy: {report['status']}  outputs: {cfg.stage_dir('deploy')}")
 

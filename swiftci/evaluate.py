@@ -43,6 +43,8 @@ class Candidate:
     path: Path | None  # adapter or model folder; None for the config's base model itself and endpoints
     run_id: str | None
     label_model: str = ""  # the served model name, for an endpoint
+    sha256: str | None = None  # the digest of the files evaluated (None: the config's base model, an endpoint)
+    verified: dict[str, str] | None = None  # {stage: files_sha256} of the records its files were checked against
 
 
 @dataclass
@@ -86,7 +88,8 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     head = reports.new_report(STAGE, stages.RUNNING, run_id=candidate.run_id,
-                              model={"path": candidate.label, "kind": candidate.kind},
+                              model={"path": candidate.label, "kind": candidate.kind, "sha256": candidate.sha256},
+                              verified=candidate.verified,
                               baseline={"kind": _baseline_kind(baseline), "source": _baseline_label(baseline)})
     _write(out, {**head, "passed": False})
     try:
@@ -141,12 +144,13 @@ def _candidate(cfg: Config, model_dir: Path | None, endpoint: tuple[str, str] | 
             raise UsageError(f"--model: {model_dir} holds neither a model (config.json) nor an adapter "
                              f"({models.ADAPTER_CONFIG})")
         kind = "adapter" if models.is_adapter_dir(path) else "model"
-        return Candidate(_label(cfg, path), kind, path, stages.train_run_id(cfg))
+        return Candidate(_label(cfg, path), kind, path, stages.train_run_id(cfg), sha256=stages.folder_digest(path))
     if cfg.train is None:
         return Candidate(cfg.model.id, "base", None, None)
     # the adapter when there is one: the baseline is then the same weights with it disabled
     trained = stages.produced(cfg, "train", prefer=("adapter", "model"))
-    return Candidate(_label(cfg, trained.path), trained.kind, trained.path, trained.run_id)
+    return Candidate(_label(cfg, trained.path), trained.kind, trained.path, trained.run_id, sha256=trained.sha256,
+                     verified={"train": (stages.read_report(cfg, "train") or {}).get("files_sha256")})
 
 
 def _check_baseline(cfg: Config, baseline: str, field: str) -> list[str]:

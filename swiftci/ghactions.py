@@ -3,8 +3,10 @@ prints to stdout) outside Actions, so the CLI behaves the same on a laptop."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -76,7 +78,8 @@ def stage_outputs(cfg: Config, stage: str) -> dict[str, str]:
               "stages": ",".join(stages.configured(cfg))}
     report = stages.read_report(cfg, stage)
     if report is None:
-        return {"status": "missing", "passed": "false", "metrics": "{}", "model-path": "", "run-id": "", **common}
+        return {"status": "missing", "passed": "false", "metrics": "{}", "model-path": "", "run-id": "",
+                "files-sha256": "", **({"store-key": ""} if stage == "train" else {}), **common}
     status = report.get("status", "unknown")
     outputs = {
         "status": status,
@@ -84,13 +87,28 @@ def stage_outputs(cfg: Config, stage: str) -> dict[str, str]:
         "model-path": _model_path(cfg, stage, report),
         "run-id": report.get("run_id") or "",
         "metrics": json.dumps(report.get("metrics") or {}, separators=(",", ":"), sort_keys=True),
+        "files-sha256": report.get("files_sha256") or "",
         **common,
     }
+    if stage == "train":
+        outputs["store-key"] = store_key(cfg, report.get("run_id") or "")
     if stage == "deploy":
         image = report.get("image") or {}
         outputs.update({"image-digest": image.get("digest") or report.get("image_digest") or "",
                         "image-ref": image.get("ref") or ""})
     return outputs
+
+
+STORE_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def store_key(cfg: Config, run_id: str) -> str:
+    """The run's folder name in a model store: the run id, this workflow run, and which config (its path in the
+    repository), so two callers on one commit — a scheduled and a pushed run, two configs with the same `name` —
+    never share a folder. Empty when the run id is not one."""
+    where = hashlib.sha256(workspace_relative(str(Path(cfg.source).resolve())).encode()).hexdigest()[:10]
+    key = f"{run_id}-{os.environ.get('GITHUB_RUN_ID') or 'local'}-{where}"
+    return key if run_id and STORE_KEY.match(key) else ""
 
 
 def _model_path(cfg: Config, stage: str, report: dict) -> str:

@@ -89,7 +89,7 @@ def _source(cfg: Config, model_dir: Path | None, out: Path) -> tuple[Path, str]:
             with models.offline_if_local(False):
                 return Path(snapshot_download(cfg.model.id, revision=cfg.model.revision)), cfg.model.id
         return local, cfg.model.id
-    trained = stages.produced(cfg, "train", prefer=("model", "adapter"))
+    trained = stages.produced(cfg, "train", prefer=("model", "adapter"))  # its files checked against train's record
     if trained.kind == "model":
         return trained.path, f"train/{trained.path.name}"
     return _merge(cfg, trained.path, out), "train/adapter (merged into the base)"
@@ -328,11 +328,17 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
         gates += [{**g, "metric": f"eval:{g['metric']}"} for g in evaluation["gates"]]
     passed = all(g["passed"] for g in gates)
     metrics["wall_seconds"] = round(time.monotonic() - started, 2)
+    files = stages.record_files(out, ["model"])  # deploy ships only these bytes
+    from_train = source_label.startswith("train/")
+    train_record = (stages.read_report(cfg, "train") or {}).get("files_sha256") if from_train else None
     report = {**base, "status": "passed" if passed else "failed", "passed": passed, "source_model": source_label,
-              "outputs": {"model": "model"}, "quantizer_log": QUANTIZER_LOG, "metrics": metrics, "gates": gates}
+              "outputs": {"model": "model"}, "files": files, "files_sha256": stages.files_digest(files),
+              "verified": {"train": train_record} if train_record else None,
+              "quantizer_log": QUANTIZER_LOG, "metrics": metrics, "gates": gates}
     if evaluation is not None:
         report["eval"] = {"report": f"evaluate/{stages.EVALUATE.report}", "baseline": evaluation["baseline"],
-                          "metrics": evaluation["metrics"], "passed": evaluation["passed"]}
+                          "metrics": evaluation["metrics"], "passed": evaluation["passed"],
+                          "model_sha256": evaluation["model"].get("sha256")}
     return report
 
 

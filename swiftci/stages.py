@@ -6,6 +6,7 @@ imports another stage to learn where its outputs lie or whether it passed. Every
 
     {"version": 2, "stage": <name>, "status": <one of the stage's statuses>, "run_id": <the train stage's run id>,
      "outputs": {<kind>: <path relative to the stage folder>}, ...,
+     "files": {<path>: <sha256>}, "files_sha256": <digest of files>,  # what the stage hands on, bound by content
      "error": {"kind": <error class>, "reason": <what went wrong>, "hint": <how to fix it>}  # only on failure}
 
 Version 2 (this one) moved every failure into `error`; version 1 had `error.reason` in train, `error` (a string)
@@ -14,6 +15,8 @@ in evaluate and `reason` in quantize and deploy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,6 +129,76 @@ def failure_reason(report: dict | None) -> str:
     return str(err.get("reason") or "") if isinstance(err, dict) else ""
 
 
+# --- what a stage hands on, bound by content ------------------------------------------------------------------
+#
+# A stage that hands a model on records the sha256 of every file of it in its report (`files`, paths relative to
+# its folder) and one digest of that record (`files_sha256`), which CI passes to later jobs as a job output. A later
+# stage loads a folder only when every file in it is in the record with the same hash (`produced` checks), and,
+# given the digest from the job output (`--expect`), only when the record is the one that digest names. Files in
+# a shared store can be rewritten between jobs; job outputs cannot.
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_files(stage_dir: Path, folders: list[str]) -> dict[str, str]:
+    """{path relative to the stage folder: sha256} of every file in these output folders."""
+    return {str(p.relative_to(stage_dir)): file_sha256(p)
+            for folder in folders for p in sorted((stage_dir / folder).rglob("*")) if p.is_file()}
+
+
+def folder_digest(folder: Path) -> str:
+    """The digest of one output folder, as its stage's record would give it (paths from the folder's parent)."""
+    return files_digest(record_files(folder.parent, [folder.name]))
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """One sha256 for a whole file record (what job outputs carry)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_expected(cfg: Config, expected: dict[str, str]) -> None:
+    """Each stage's file record is the one the digest (a CI job output) names; exit 3 otherwise."""
+    for name, digest in expected.items():
+        report = read_report(cfg, name) if name == "train" else this_runs_report(cfg, name)
+        recorded = (report or {}).get("files_sha256")
+        if recorded != digest:
+            raise StageError(f"{report_path(cfg, name)}: its file record ({(recorded or 'none')[:12]}…) is not the "
+                             f"one the {name} job handed on ({digest[:12]}…); the {name} outputs were changed or "
+                             "replaced after that job — refusing to use them", kind="ContentMismatch")
+
+
+def verify(cfg: Config, name: str, folder: Path) -> str:
+    """Every file in `folder` (an output of stage `name`) is in that stage's record with the same sha256, and
+    nothing recorded is missing. Returns the folder's digest; raises StageError (exit 3) naming the file."""
+    stage_dir = cfg.stage_dir(name)
+    report = read_report(cfg, name) or {}
+    recorded = report.get("files")
+    if not isinstance(recorded, dict):
+        raise StageError(f"{report_path(cfg, name)} records no file hashes, so {folder} cannot be checked; rerun "
+                         f"`swiftci {name}`", kind="ContentMismatch")
+    prefix = str(folder.relative_to(stage_dir)) + "/"
+    wanted = {k: v for k, v in recorded.items() if k.startswith(prefix)}
+    found = record_files(stage_dir, [prefix.rstrip("/")])
+    for rel in sorted(set(wanted) | set(found)):
+        if rel not in found:
+            problem = "is missing"
+        elif rel not in wanted:
+            problem = "was not written by the stage"
+        elif found[rel] != wanted[rel]:
+            problem = f"has sha256 {found[rel][:12]}…, not the {wanted[rel][:12]}… the stage recorded"
+        else:
+            continue
+        raise StageError(f"{name}/{rel} {problem}: the file changed after the {name} stage wrote it; refusing to "
+                         "load it", kind="ContentMismatch")
+    return files_digest(found)
+
+
 # --- the model a stage handed on -------------------------------------------------------------------------------
 
 
@@ -136,11 +209,13 @@ class Produced:
     path: Path
     kind: str
     run_id: str | None
+    sha256: str  # the digest of its files, checked against the stage's record
 
 
 def produced(cfg: Config, name: str, prefer: tuple[str, ...] = ("model", "adapter")) -> Produced:
-    """The model folder stage `name` handed on, the first of `prefer` it wrote. Raises StageError when the stage
-    has not finished (no report, or one that did not pass) or wrote none of them."""
+    """The model folder stage `name` handed on, the first of `prefer` it wrote, its files checked against the
+    stage's record. Raises StageError when the stage has not finished (no report, or one that did not pass), wrote
+    none of them, or a file changed since (exit 3, naming the file)."""
     stage = get(name)
     report = read_report(cfg, name) if name == "train" else this_runs_report(cfg, name)
     path = report_path(cfg, name)
@@ -152,5 +227,6 @@ def produced(cfg: Config, name: str, prefer: tuple[str, ...] = ("model", "adapte
     outputs = report.get("outputs") or {}
     for kind in prefer:
         if kind in outputs and (cfg.stage_dir(name) / outputs[kind]).is_dir():
-            return Produced(cfg.stage_dir(name) / outputs[kind], kind, report.get("run_id"))
+            folder = cfg.stage_dir(name) / outputs[kind]
+            return Produced(folder, kind, report.get("run_id"), verify(cfg, name, folder))
     raise StageError(f"the {name} stage wrote no {' or '.join(prefer)} (its outputs: {', '.join(outputs) or 'none'})")

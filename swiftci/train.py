@@ -130,15 +130,18 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
     data = _load_data(cfg, tokenizer)
     model, base_record = _load_model(cfg, dtype)
     model = _add_adapters(cfg, model)
+    parameters = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  "total_parameters": sum(p.numel() for p in model.parameters())}  # before a merge changes them
     trainer, progress = _make_trainer(job, model, tokenizer, data, precision, stall)
     fit = _fit(trainer, job.last_checkpoint)
     validation_loss = trainer.evaluate(eval_dataset=data.validation)["eval_loss"] if data.validation else None
     outputs = _save(cfg, job.out, trainer, tokenizer, dtype)
-    metrics = _metrics(job, trainer, fit, progress.records, validation_loss)
+    metrics = {**_metrics(job, trainer, fit, progress.records, validation_loss), **parameters}
     reports.write_json(job.out / "run.json", _lineage(job, base_record, data.record, precision, outputs))
+    files = stages.record_files(job.out, list(outputs.values()))  # later stages load only these bytes
     report = reports.new_report(STAGE, "ok", run_id=job.run_id, method=tc.method, tuner=tc.tuner,
-                                base_model=cfg.model.id, metrics=metrics, outputs=outputs,
-                                loss_log="loss.jsonl", lineage="run.json")
+                                base_model=cfg.model.id, metrics=metrics, outputs=outputs, files=files,
+                                files_sha256=stages.files_digest(files), loss_log="loss.jsonl", lineage="run.json")
     if plot_loss(job.out, job.run_id) is not None:
         report["loss_plot"] = "loss.png"
     _write(job, report, progress.records)
@@ -466,7 +469,6 @@ def _metrics(job: Job, trainer: Any, fit: Fit, records: list[dict], validation_l
         peak_mb, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
     else:
         peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_rss"
-    parameters = list(trainer.model.parameters())
     return {
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
@@ -479,8 +481,6 @@ def _metrics(job: Job, trainer: Any, fit: Fit, records: list[dict], validation_l
         "wall_seconds": round(time.monotonic() - job.started, 2),
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": memory_kind,
-        "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
-        "total_parameters": sum(p.numel() for p in parameters),
         "resumed_from_step": int(job.last_checkpoint.name.split("-")[1]) if job.last_checkpoint else None,
     }
 

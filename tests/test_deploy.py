@@ -18,84 +18,11 @@ import yaml
 from werkzeug import Request, Response
 
 from conftest import clone_trained, read_json, swiftci, swiftci_in_process, tiny_config, write_config
-from fakes.kube_api import FakeKubeAPI
+from fakes.kube_api import Controller, FakeKubeAPI
+from fakes.openai_api import FakeOpenAI
 
 pytestmark = pytest.mark.slow
 NS = "ml"
-
-
-# --- a real registry and buildah, isolated in tmp folders ----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory):
-    """A Debian `docker-registry` (distribution) with filesystem storage, on 127.0.0.1."""
-    if shutil.which("docker-registry") is None:
-        pytest.fail("docker-registry is missing; `make system-deps` installs it")
-    root = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    (root / "config.yml").write_text(yaml.safe_dump({
-        "version": 0.1, "log": {"level": "warn"}, "storage": {"filesystem": {"rootdirectory": str(root / "data")},
-                                                             "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}"}}))
-    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=open(root / "registry.log", "w"))
-    import requests
-
-    for _ in range(100):
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("the registry did not start")
-    yield {"host": f"127.0.0.1:{port}", "data": root / "data"}
-    proc.terminate()
-    proc.wait(10)
-
-
-@pytest.fixture(scope="session")
-def containers_env(tmp_path_factory, registry) -> dict:
-    """buildah settings that keep its storage in a tmp folder and trust the local registry."""
-    root = tmp_path_factory.mktemp("containers")
-    (root / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{root}/storage"\n'
-                                       f'runroot = "{root}/run"\n')
-    (root / "registries.conf").write_text(f'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
-                                          f'[[registry]]\nlocation = "{registry["host"]}"\ninsecure = true\n')
-    (root / "containers.conf").write_text(f'[network]\nnetwork_backend = "cni"\nnetwork_config_dir = "{root}/net"\n')
-    (root / "tmp").mkdir()
-    return {"CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
-            "CONTAINERS_REGISTRIES_CONF": str(root / "registries.conf"),
-            "CONTAINERS_CONF": str(root / "containers.conf"), "BUILDAH_ISOLATION": "chroot",
-            "TMPDIR": str(root / "tmp")}
-
-
-@pytest.fixture(scope="session")
-def engine_image(tmp_path_factory, registry, containers_env) -> str:
-    """A stand-in for a CUDA serving image (none can be pulled here): FROM scratch with busybox-static."""
-    ctx = tmp_path_factory.mktemp("engine")
-    (ctx / "bin").mkdir()
-    shutil.copy("/bin/busybox", ctx / "bin/busybox")
-    (ctx / "Containerfile").write_text(
-        "FROM scratch\nCOPY bin/busybox /bin/busybox\n"
-        'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
-        "RUN mkdir -p /tmp /etc && chmod 1777 /tmp && echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd\n"
-        "ENV PATH=/bin\n")
-    ref = f"{registry['host']}/engine:v1"
-    env = {**os.environ, **containers_env}
-    for cmd in (["buildah", "build", "--tls-verify=false", "-f", str(ctx / "Containerfile"), "-t", ref, str(ctx)],
-                ["buildah", "push", "--tls-verify=false", ref, f"docker://{ref}"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    return ref
 
 
 def registry_blobs(registry) -> dict[str, int]:
@@ -113,49 +40,6 @@ def image_config(registry, repo_ref: str, containers_env) -> dict:
 # --- a fake cluster whose controller the test plays ------------------------------------------------------------------
 
 
-class Controller:
-    """Plays the Deployment controller and the kubelet: pods of an image in `crashing` crash-loop and never
-    become available; other images roll out."""
-
-    def __init__(self):
-        self.crashing: set[str] = set()
-
-    def __call__(self, api: FakeKubeAPI, dep: dict) -> None:
-        time.sleep(0.2)
-        ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]
-        spec = dep["spec"]
-        replicas = spec.get("replicas", 1)
-        labels = spec["template"]["metadata"]["labels"]
-        image = spec["template"]["spec"]["containers"][0]["image"]
-        track_sel = ",".join(f"{k}={v}" for k, v in spec["selector"]["matchLabels"].items())
-        old = [p for p in api.list("pods", ns, track_sel)
-               if p["metadata"]["labels"].get("swiftci.dev/revision") != labels.get("swiftci.dev/revision")]
-        crashing = any(d in image for d in self.crashing)
-        for i in range(replicas if not crashing else 1):
-            state = ({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}}
-                     if crashing else {"running": {"startedAt": "2026-11-23T00:00:00Z"}})
-            api.put("pods", {"metadata": {"name": f"{name}-{labels['swiftci.dev/revision']}-{i}", "namespace": ns,
-                                          "labels": labels},
-                             "spec": {"containers": [{"name": "server", "image": image}]},
-                             "status": {"phase": "Running",
-                                        "containerStatuses": [{"name": "server", "ready": not crashing,
-                                                               "restartCount": 4 if crashing else 0,
-                                                               "state": state}]}})
-        if crashing:  # maxUnavailable 0: the old pods keep serving, the new one never becomes available
-            status = {"observedGeneration": dep["metadata"]["generation"], "replicas": len(old) + 1,
-                      "updatedReplicas": 1, "availableReplicas": len(old), "readyReplicas": len(old)}
-        else:
-            for p in old:
-                api.remove("pods", ns, p["metadata"]["name"])
-            status = {"observedGeneration": dep["metadata"]["generation"], "replicas": replicas,
-                      "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
-                      "conditions": [{"type": "Available", "status": "True"}]}
-        current = api.get("deployments", ns, name)
-        if current is not None and current["metadata"]["generation"] == dep["metadata"]["generation"]:
-            api.put("deployments", {"metadata": {"name": name, "namespace": ns}, "status": status},
-                    status_only=True)
-
-
 @pytest.fixture
 def cluster(tmp_path):
     controller = Controller()
@@ -164,30 +48,6 @@ def cluster(tmp_path):
     api.kubeconfig_path = api.kubeconfig(tmp_path / "kubeconfig")
     yield api
     api.close()
-
-
-class FakeOpenAI:
-    """Stands for the new pods' OpenAI-compatible API behind an ingress: answers `reverse: <word>` correctly,
-    or wrongly while `broken` is set (a model that shipped bad)."""
-
-    def __init__(self, httpserver):
-        self.broken = False
-        self.only_ship = False  # answers the smoke prompt, gets everything else wrong
-        self.requests: list[dict] = []
-        httpserver.expect_request(re.compile(".*")).respond_with_handler(self.handle)
-        self.url = httpserver.url_for("/v1").rstrip("/")
-
-    def handle(self, request: Request) -> Response:
-        if request.path == "/health":
-            return Response("ok")
-        body = request.get_json()
-        self.requests.append(body)
-        word = body["messages"][-1]["content"].split()[-1]
-        wrong = self.broken or (self.only_ship and word != "ship")
-        answer = "I cannot help with that" if wrong else word[::-1]
-        return Response(json.dumps({"object": "chat.completion", "model": body["model"], "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]}),
-            content_type="application/json")
 
 
 @pytest.fixture
@@ -265,6 +125,7 @@ def test_a_retrain_pushes_only_the_model_layers(trained, tiny_model, tmp_path, r
     data = bytearray(weights.read_bytes())  # a "retrain": new weights (a different seed flips every byte)
     data[-4096:] = bytes(4096)
     weights.write_bytes(bytes(data))
+    rerecord_train_files(tmp_path / "out/train")  # …recorded by the train stage, as a retrain would
     second = run_deploy(cfg, cluster, containers_env)
     assert second.returncode == 0, second.stderr[-3000:]
     new = {d: s for d, s in registry_blobs(registry).items() if d not in before}
@@ -272,6 +133,15 @@ def test_a_retrain_pushes_only_the_model_layers(trained, tiny_model, tmp_path, r
     assert size * 0.9 <= sum(new.values()) <= size + 64 * 1024, (new, size)
     assert max(new.values()) >= size * 0.9, "the weights travel as one layer of their own"
     assert len(history(cluster, "tiny-reverse")) == 2
+
+
+def rerecord_train_files(train_dir: Path) -> None:
+    from swiftci import reports, stages
+
+    report = json.loads((train_dir / "train_report.json").read_text())
+    report["files"] = stages.record_files(train_dir, sorted({k.split("/", 1)[0] for k in report["files"]}))
+    report["files_sha256"] = stages.files_digest(report["files"])
+    reports.write_json(train_dir / "train_report.json", report)
 
 
 # --- rollouts against the fake cluster ------------------------------------------------------------------------------

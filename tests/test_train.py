@@ -31,6 +31,7 @@ def test_lora_learns_the_task(lora_run, tiny_model):
     assert m["train_loss_last"] < m["train_loss_first"] / 5
     assert m["steps"] == 375 and m["tokens"] > 0 and m["tokens_per_second"] > 0
     assert m["peak_memory_mb"] > 0 and m["wall_seconds"] >= m["train_seconds"]
+    assert 0 < m["trainable_parameters"] < m["total_parameters"], "LoRA trains adapters on a frozen base"
     assert greedy_exact_match(tiny_model, VALIDATION) <= 0.05
     assert greedy_exact_match(tiny_model, VALIDATION, adapter_dir=out / "adapter") >= 0.9
     # merge: true also wrote a standalone model that answers the same way

@@ -93,8 +93,20 @@ def _lineage(cfg: Config) -> dict:
             "base_revision": base.get("revision_resolved") or base.get("sha256") or cfg.model.revision}
 
 
-def model_to_ship(cfg: Config, dc: DeployConfig, lineage: dict) -> tuple[Path, str]:
-    """(model folder, kind). Fails closed: a model whose evaluation or quantization gate failed never ships."""
+@dataclass
+class Shipment:
+    """The model folder that ships, what kind it is, the digest of its files (checked against the stage that made
+    it), and the digest of what the evaluate gates scored (the same bytes, or the record they were checked in)."""
+
+    path: Path
+    kind: str
+    sha256: str | None
+    evaluated_sha256: str | None
+
+
+def model_to_ship(cfg: Config, dc: DeployConfig, lineage: dict) -> Shipment:
+    """Fails closed: a model whose evaluation or quantization gate failed never ships, nor one whose files are not
+    the ones that were evaluated (exit 3, naming the file)."""
     if cfg.evaluate is not None and not lineage["eval"]:
         raise StageError("deploy: the config has an evaluate section but there is no eval report for this model; "
                          "run `swiftci evaluate` first (deploy never ships an unevaluated model)")
@@ -103,27 +115,49 @@ def model_to_ship(cfg: Config, dc: DeployConfig, lineage: dict) -> tuple[Path, s
         raise GateFailed(f"deploy refuses a model whose evaluation did not pass (eval report: {state}); "
                          "run `swiftci evaluate` and fix what it reports")
     quant = lineage["quantize"]
-    want_quantized = dc.model == "quantized" or (dc.model == "auto" and cfg.quantize is not None)
-    if want_quantized:
+    if dc.model == "quantized" or (dc.model == "auto" and cfg.quantize is not None):
         if not quant:
             raise StageError("deploy.model: there is no quantize report; run `swiftci quantize` first, or ship "
                              "`model: merged`")
-        try:
-            quantized = stages.produced(cfg, "quantize", prefer=("model",))
-        except StageError:
+        if quant.get("passed") is not True:
             raise GateFailed(f"deploy.model: the quantized model has not passed its gates (quantize report: "
-                             f"{quant.get('status', 'missing')}); run `swiftci quantize`, or ship "
-                             "`model: merged`") from None
-        return quantized.path, f"quantized ({quant.get('method', '?')} {quant.get('bits', '?')}-bit)"
+                             f"{quant.get('status', 'missing')}); run `swiftci quantize`, or ship `model: merged`")
+        shipped = stages.produced(cfg, "quantize", prefer=("model",))
+        source = (quant.get("verified") or {}).get("train")
+        if source is not None and source != (stages.read_report(cfg, "train") or {}).get("files_sha256"):
+            raise StageError("deploy: the quantized model was made from another train output than this run's; "
+                             "refusing to ship it", kind="ContentMismatch")
+        evaluated = (quant.get("eval") or {}).get("model_sha256") or _evaluated_train_record(cfg, lineage)
+        if (quant.get("eval") or {}).get("model_sha256") not in (None, shipped.sha256):
+            raise StageError("deploy: the quantized model's files are not the ones its eval gates scored; refusing "
+                             "to ship them", kind="ContentMismatch")
+        return Shipment(shipped.path, f"quantized ({quant.get('method', '?')} {quant.get('bits', '?')}-bit)",
+                        shipped.sha256, evaluated)
     if cfg.train is None and cfg.model_local_path is not None:
-        return cfg.model_local_path, "base"
+        return Shipment(cfg.model_local_path, "base", None, None)
     try:
-        trained = stages.produced(cfg, "train", prefer=("model",))
-    except StageError:
+        shipped = stages.produced(cfg, "train", prefer=("model",))
+    except StageError as e:
+        if e.kind == "ContentMismatch":
+            raise
         raise UsageError("deploy.model: there is no full model to ship; set `train.merge: true` (or add a quantize "
                          "section) and train again") from None
     outputs = (stages.read_report(cfg, "train") or {}).get("outputs") or {}
-    return trained.path, "merged" if "adapter" in outputs else "full"
+    return Shipment(shipped.path, "merged" if "adapter" in outputs else "full", shipped.sha256,
+                    _evaluated_train_record(cfg, lineage))
+
+
+def _evaluated_train_record(cfg: Config, lineage: dict) -> str | None:
+    """The train record the evaluate stage checked its files against; it must be the one deploy ships from."""
+    if not lineage["eval"]:
+        return None
+    evaluated = (lineage["eval"].get("verified") or {}).get("train")
+    recorded = (stages.read_report(cfg, "train") or {}).get("files_sha256")
+    if evaluated != recorded:
+        raise StageError("deploy: the eval report scored a different train output than the one that would ship "
+                         f"(checked {str(evaluated)[:12]}…, now {str(recorded)[:12]}…); refusing to ship it",
+                         kind="ContentMismatch")
+    return evaluated
 
 
 def _quantization(model_dir: Path) -> str | None:
@@ -138,13 +172,13 @@ def _local(cfg: Config, dc: DeployConfig, out: Path, lineage: dict, *, dry_run: 
     """Serve here with `transformers serve`, run the smoke prompts, stop; or, with --dry-run, say so."""
     from swiftci.deploy import local
 
-    model_dir, kind = model_to_ship(cfg, dc, lineage)
-    shipped = {"model": {"path": _rel(cfg, model_dir), "kind": kind}}
+    ship = model_to_ship(cfg, dc, lineage)
+    shipped = {"model": _model_fields(cfg, ship)}
     if dry_run:
         return {**shipped, "status": "dry_run",
-                "plan": [f"serve {_rel(cfg, model_dir)} with transformers serve on {dc.local.host}",
+                "plan": [f"serve {_rel(cfg, ship.path)} with transformers serve on {dc.local.host}",
                          f"send {len(dc.smoke.prompts)} smoke prompt(s) through the OpenAI API, then stop"]}
-    served = local.serve_and_smoke(model_dir, dc, out)
+    served = local.serve_and_smoke(ship.path, dc, out)
     result = {**shipped, "local": served, "smoke": served["smoke"]}
     if not served["smoke"]["passed"]:
         failed = [r for r in served["smoke"]["results"] if not r["passed"]]
@@ -189,18 +223,28 @@ def _kubernetes(cfg: Config, dc: DeployConfig, out: Path, lineage: dict, *, dry_
 
 def _image_context(cfg: Config, dc: DeployConfig, out: Path, name: str, lineage: dict) -> dict:
     """The Dockerfile and build context of the model that ships (the engine image untouched, weights in their own
-    layers); returns the report's model and image fields."""
-    model_dir, kind = model_to_ship(cfg, dc, lineage)
-    quantization = _quantization(model_dir)
+    layers), the packed files checked once more against what was evaluated; returns the report's model and image
+    fields. The image's labels carry both digests."""
+    ship = model_to_ship(cfg, dc, lineage)
+    quantization = _quantization(ship.path)
     git_sha = lineage["git"].get("sha")
-    labels = _labels(cfg, dc, name, lineage, git_sha, quantization)
+    labels = _labels(cfg, dc, name, lineage, git_sha, quantization, ship)
     text = imagelib.dockerfile(dc.engine, dc.engine_image, name, dc.port, labels,
-                               imagelib.weight_files(model_dir), quantization)
-    imagelib.build_context(model_dir, out / "context", text)
+                               imagelib.weight_files(ship.path), quantization)
+    imagelib.build_context(ship.path, out / "context", text)
+    packed = imagelib.packed_digest(out / "context", ship.path.name)
+    if ship.sha256 is not None and packed != ship.sha256:
+        raise StageError("deploy: the files packed into the image are not the ones that were checked; refusing to "
+                         "build it", kind="ContentMismatch")
     reports.write_text(out / "Dockerfile", text)
     tags = [t for t in (lineage["run_id"], git_sha) if t] or ["latest-build"]
-    return {"model": {"path": _rel(cfg, model_dir), "kind": kind, "quantization": quantization},
+    return {"model": {**_model_fields(cfg, ship), "quantization": quantization},
             "image": {"repository": dc.image, "tags": tags, "dockerfile": "Dockerfile", "built": True}}
+
+
+def _model_fields(cfg: Config, ship: Shipment) -> dict:
+    return {"path": _rel(cfg, ship.path), "kind": ship.kind, "sha256": ship.sha256,
+            "evaluated_sha256": ship.evaluated_sha256}
 
 
 def _validated_manifests(dc: DeployConfig, name: str, repository: str, digest: str | None, run_id: str | None,
@@ -231,6 +275,7 @@ def _build(cfg: Config, dc: DeployConfig, out: Path, repository: str, tags: list
     builder = imagelib.pick_builder(dc.builder)
     t0 = time.monotonic()
     stamp = runinfo.git(cfg.resolve("."), "log", "-1", "--format=%ct")
+    imagelib.login(builder, repository, dc.insecure_registry)
     digest = imagelib.build_and_push(builder, out / "context", repository, tags, dc.insecure_registry,
                                      timestamp=int(stamp) if stamp and stamp.isdigit() else 0)
     return {"digest": digest, "ref": f"{repository}@{digest}", "builder": builder,
@@ -254,7 +299,7 @@ def _roll_out(cfg: Config, dc: DeployConfig, name: str, release: kube.Release, o
 
 
 def _labels(cfg: Config, dc: DeployConfig, name: str, lineage: dict, git_sha: str | None,
-            quantization: str | None) -> dict[str, str]:
+            quantization: str | None, ship: Shipment) -> dict[str, str]:
     repo = lineage["git"].get("repository")
     base_model = cfg.model.id if cfg.model_local_path is None else Path(cfg.model.id).name  # never a local path
     labels = {
@@ -267,6 +312,8 @@ def _labels(cfg: Config, dc: DeployConfig, name: str, lineage: dict, git_sha: st
         "dev.swiftci.eval-verdict": lineage["eval_verdict"] or "not evaluated",
         "dev.swiftci.quantization": quantization or "none",
         "dev.swiftci.engine": dc.engine,
+        "dev.swiftci.model-sha256": ship.sha256 or "",
+        "dev.swiftci.evaluated-sha256": ship.evaluated_sha256 or "",
     }
     if git_sha:
         labels["org.opencontainers.image.revision"] = git_sha

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftci import models
+from swiftci import models, stages
 from swiftci.errors import StageError, UsageError
 
 MODEL_ROOT = "/models"
@@ -102,6 +102,16 @@ def build_context(model_dir: Path, ctx: Path, dockerfile_text: str) -> list[str]
     return weights
 
 
+def packed_digest(ctx: Path, folder_name: str) -> str:
+    """The digest of the model files as laid out in a build context, named as the stage's record names them."""
+    files = {}
+    for part in ("model", "model-files"):
+        for p in sorted((ctx / part).rglob("*")):
+            if p.is_file():
+                files[f"{folder_name}/{p.relative_to(ctx / part)}"] = stages.file_sha256(p)
+    return stages.files_digest(files)
+
+
 def weight_files(model_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*")
                   if p.is_file() and p.suffix in models.WEIGHT_SUFFIXES)
@@ -122,12 +132,39 @@ def pick_builder(choice: str) -> str:
                      "(apt-get install buildah) or start Docker")
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _run(cmd: list[str], what: str, env: dict | None = None, stdin: str | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, input=stdin)
     if proc.returncode != 0:
         raise StageError(f"{what} failed ({' '.join(cmd[:3])} …, exit {proc.returncode}):\n"
                          f"{(proc.stderr or proc.stdout)[-2000:]}")
     return proc.stdout
+
+
+# Registry credentials come from the environment (the deploy action sets them from its inputs), never from the
+# config file; the login is written where REGISTRY_AUTH_FILE / DOCKER_CONFIG point (the action: its job's temp
+# folder, removed after the job) and uses the same TLS setting as the push.
+CREDENTIALS = ("SWIFTCI_REGISTRY", "SWIFTCI_REGISTRY_USERNAME", "SWIFTCI_REGISTRY_PASSWORD")
+
+
+def login(builder: str, repository: str, insecure: bool) -> str | None:
+    """Log in to the registry named by SWIFTCI_REGISTRY (default: the repository's host) when
+    SWIFTCI_REGISTRY_PASSWORD is set; the password goes through stdin, never argv. Returns the host logged in to."""
+    password = os.environ.get("SWIFTCI_REGISTRY_PASSWORD", "")
+    if not password:
+        return None
+    host = os.environ.get("SWIFTCI_REGISTRY") or repository.split("/", 1)[0]
+    user = os.environ.get("SWIFTCI_REGISTRY_USERNAME") or "swiftci"
+    tls = ["--tls-verify=false"] if insecure and builder == "buildah" else []
+    _run([builder, "login", *tls, "--username", user, "--password-stdin", host], f"{builder} login to {host}",
+         _clean_env(), stdin=password)
+    return host
+
+
+def _clean_env() -> dict:
+    """The environment for builder commands: without the registry password (the login already holds it)."""
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
+    env.setdefault("BUILDAH_ISOLATION", "chroot")
+    return env
 
 
 def build_and_push(builder: str, ctx: Path, repository: str, tags: list[str], insecure: bool,
@@ -136,20 +173,19 @@ def build_and_push(builder: str, ctx: Path, repository: str, tags: list[str], in
     (seconds since the epoch, e.g. the commit time) buildah builds are reproducible: the same model and labels give
     the same digest, so re-deploying an unchanged model changes nothing."""
     first = f"{repository}:{tags[0]}"
+    env = _clean_env()
     if builder == "docker":
         args = ["docker", "build", "-f", str(ctx / "Dockerfile")]
         for t in tags:
             args += ["-t", f"{repository}:{t}"]
-        _run([*args, str(ctx)], "docker build")
+        _run([*args, str(ctx)], "docker build", env)
         for t in tags:
-            _run(["docker", "push", f"{repository}:{t}"], "docker push")
-        digests = _run(["docker", "inspect", "--format", "{{json .RepoDigests}}", first], "docker inspect")
+            _run(["docker", "push", f"{repository}:{t}"], "docker push", env)
+        digests = _run(["docker", "inspect", "--format", "{{json .RepoDigests}}", first], "docker inspect", env)
         for ref in json.loads(digests):
             if ref.startswith(repository + "@"):
                 return ref.split("@", 1)[1]
         raise StageError(f"docker push gave no digest for {repository}")
-    env = {**os.environ}
-    env.setdefault("BUILDAH_ISOLATION", "chroot")
     tls = ["--tls-verify=false"] if insecure else []
     stamp = ["--timestamp", str(timestamp)] if timestamp is not None else []
     _run(["buildah", "build", *tls, *stamp, "--layers", "-f", str(ctx / "Dockerfile"), "-t", first, str(ctx)],
