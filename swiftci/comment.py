@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,15 @@ def _cell(text: str, redact: Redactor, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+_MENTION = re.compile(r"(?<![\w`])@(?=[A-Za-z0-9])")
+
+
+def _inert(markdown: str) -> str:
+    """A stage's Markdown report as it enters the comment: its tables and charts render, but nothing in it can be
+    HTML (an error message can quote anything, also a pull request's own data) or ping someone (`@team`)."""
+    return _MENTION.sub("@\u200b", markdown.replace("<", "&lt;"))
+
+
 def _detail(stage: str, report: dict | None) -> str:
     if report is None:
         return ""
@@ -124,7 +134,7 @@ def build_body(cfg: Config, *, final: bool) -> str:
     for stage in stages.NAMES[1:]:
         summary = stages.summary(cfg, stage)
         if summary and states[stage][1] is not None:
-            lines += ["", summary.strip()]
+            lines += ["", _inert(redact(summary.strip()))]
     records = reports.read_jsonl(cfg.stage_dir("train") / "loss.jsonl")
     chart = reports.loss_chart(records)
     if chart:
@@ -209,7 +219,8 @@ def post(body: str, *, repo: str, pr: int, token: str, api_url: str, mark: str) 
         url = f"{base}/repos/{repo}/issues/{pr}/comments?per_page=100"
         while url:
             resp = _call(session, "GET", url)
-            marked += [c for c in resp.json() if mark in (c.get("body") or "")]
+            # ours start with the marker; a comment that merely quotes it (a reply, a person's paste) does not
+            marked += [c for c in resp.json() if (c.get("body") or "").startswith(mark)]
             url = resp.links.get("next", {}).get("url")
         mine = _ours(session, base, marked)
         if mine:
@@ -227,16 +238,15 @@ def post(body: str, *, repo: str, pr: int, token: str, api_url: str, mark: str) 
 
 
 def _ours(session, base: str, marked: list[dict]) -> list[dict]:
-    """The marked comments this token wrote. Anyone can paste the marker (quoting our comment does): a person's
-    comment is never edited or deleted. GITHUB_TOKEN and app tokens post as bots; a personal token posts as its
-    user, whose login `GET /user` tells (an app token gets a 403 there)."""
-    bots = [c for c in marked if (c.get("user") or {}).get("type") == "Bot"]
-    if bots or not marked:
-        return bots
+    """The marked comments this token's own identity wrote; nobody else's is ever edited or deleted. A personal
+    token is a user whose login `GET /user` tells; an installation token (GITHUB_TOKEN, a GitHub App) gets a 403
+    there and comments as its bot: github-actions[bot] for GITHUB_TOKEN, or SWIFTCI_COMMENT_AUTHOR for an app."""
+    if not marked:
+        return []
     try:
         login = _call(session, "GET", f"{base}/user").json().get("login")
     except _Forbidden:
-        return []
+        login = os.environ.get("SWIFTCI_COMMENT_AUTHOR") or "github-actions[bot]"
     return [c for c in marked if login and (c.get("user") or {}).get("login") == login]
 
 

@@ -434,8 +434,25 @@ class SlackConfig(Section):
     )
     channel: str | None = Field(default=None, description="Channel id or name for the bot token, e.g. `C0123ABCD`.")
     api_url: str = Field(
-        default="https://slack.com/api", description="Slack Web API base URL (change only for a proxy)."
+        default="https://slack.com/api",
+        description="Slack Web API base URL; it receives the bot token, so it must be https on slack.com or a host "
+        "the runner's SWIFTCI_SLACK_API_HOSTS allows (comma-separated, e.g. a company proxy; plain http only for a "
+        "loopback host listed there).",
     )
+
+    @model_validator(mode="after")
+    def _api_url(self) -> SlackConfig:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.api_url)
+        host = (url.hostname or "").lower()
+        allowed = {h.strip().lower() for h in os.environ.get("SWIFTCI_SLACK_API_HOSTS", "").split(",") if h.strip()}
+        trusted = host == "slack.com" or host.endswith(".slack.com") or host in allowed
+        loopback = host in ("127.0.0.1", "localhost", "::1")
+        if not trusted or not (url.scheme == "https" or (url.scheme == "http" and loopback and host in allowed)):
+            raise ValueError(f"api_url: {self.api_url!r} would receive the bot token; use https://slack.com/api, or "
+                             "allow a proxy host in the runner's SWIFTCI_SLACK_API_HOSTS")
+        return self
 
     @model_validator(mode="after")
     def _one_way(self) -> SlackConfig:

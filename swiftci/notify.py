@@ -96,13 +96,19 @@ class Redactor:
 # --- payloads -----------------------------------------------------------------------------------------------------
 
 
+def _mrkdwn(text: str) -> str:
+    """Text for Slack's mrkdwn: `&`, `<` and `>` escaped, so a value from data or a report (`<!channel>`, a link)
+    is shown, never interpreted. Our own links and the configured mentions are added after this."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def slack_payload(msg: Message, mentions: list[str]) -> dict:
     head = f"{ICONS.get(msg.event, '')} {msg.title}".strip()
     blocks: list[dict] = [{"type": "header", "text": {"type": "plain_text", "text": head[:150], "emoji": True}}]
     if msg.text:
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": msg.text[:2900]}})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _mrkdwn(msg.text)[:2900]}})
     if msg.fields:
-        blocks.append({"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"[:2000]}
+        blocks.append({"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{_mrkdwn(k)}*\n{_mrkdwn(v)}"[:2000]}
                                                      for k, v in msg.fields[:10]]})
     context = []
     if msg.mention and mentions:
@@ -112,7 +118,7 @@ def slack_payload(msg: Message, mentions: list[str]) -> dict:
         context.append(f"<{url}|workflow run>")
     if context:
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": " · ".join(context)}]})
-    fallback = head + (f" — {msg.text}" if msg.text else "")
+    fallback = _mrkdwn(head + (f" — {msg.text}" if msg.text else ""))
     return {"text": fallback[:3000], "blocks": blocks}
 
 

@@ -71,7 +71,8 @@ def test_first_run_creates_second_run_edits_the_same_comment(project, github):
     second = run_comment(project)
     assert second.returncode == 0 and "comment: updated" in second.stdout
     assert len(github.for_pr(7)) == 1
-    assert [m for m, _ in github.requests] == ["GET", "POST", "GET", "PATCH"]
+    # list, create; list, ask who the token is (403: the Actions bot), edit
+    assert [m for m, _ in github.requests] == ["GET", "POST", "GET", "GET", "PATCH"]
     assert "## swiftci · `tiny-reverse` · ❌ failed" in github.summary.read_text()
 
 
@@ -117,6 +118,38 @@ def test_a_persons_comment_with_the_marker_is_never_touched(project, github):
     assert run_comment(project).returncode == 0
     people, bots = ([c for c in github.for_pr(7) if c["user"]["type"] == kind] for kind in ("User", "Bot"))
     assert [c["body"] for c in people] == [quoted] and len(bots) == 1
+
+
+def test_a_bot_comment_that_quotes_the_marker_or_another_bots_is_never_touched(project, github):
+    """Only a comment by the token's own identity whose body STARTS with the marker is ours: a bot's reply quoting
+    it, or another app's comment, stays as it is."""
+    mark = comment.marker(_cfg(project))
+    others = [("> " + mark + "\nquoted by the bot", BOT), (mark + "\nfrom another app", {"login": "other-app[bot]",
+                                                                                          "type": "Bot"})]
+    for body, user in others:
+        github.next_id += 1
+        github.comments[github.next_id] = {"id": github.next_id, "pr": 7, "repo": "acme/model-repo", "body": body,
+                                           "user": user}
+    assert "comment: created" in run_comment(project).stdout
+    assert "comment: updated" in run_comment(project).stdout
+    bodies = [c["body"] for c in github.for_pr(7)]
+    assert bodies[:2] == [body for body, _ in others] and len(bodies) == 3 and bodies[2].startswith(mark)
+
+
+def test_stage_reports_enter_the_comment_redacted_and_inert(project, github, monkeypatch):
+    monkeypatch.setenv("SWIFTCI_TEST_SECRET", "s3cr3t-value-for-the-comment")
+    doc = yaml.safe_load(project.read_text())
+    doc["notify"] = {"discord": {"webhook": "https://discord.com/api/webhooks/${SWIFTCI_TEST_SECRET}"}}
+    write_config(project, doc)
+    md = project.parent / "out/evaluate/eval_report.md"
+    md.write_text(md.read_text() + "\nfailed on <img src=x onerror=alert(1)> for @acme/ml-team, key "
+                  "s3cr3t-value-for-the-comment, data /home/runner/private/train.jsonl\n")
+    assert run_comment(project).returncode == 0
+    body = github.for_pr(7)[0]["body"]
+    assert "<img" not in body and "&lt;img src=x onerror=alert(1)>" in body
+    assert "@acme/ml-team" not in body and "@\u200bacme/ml-team" in body
+    assert "s3cr3t-value-for-the-comment" not in body and "/home/runner/private" not in body
+    assert "| metric | baseline | candidate |" in body, "the tables still render"
 
 
 def test_with_a_personal_token_its_own_comment_is_edited(project, github):

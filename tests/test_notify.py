@@ -265,6 +265,30 @@ def test_dead_endpoints_are_called_only_from_the_worker_thread(tiny_model, tmp_p
 # --- delivery and formatting, in process ---------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _loopback_slack_api(monkeypatch):
+    """The Slack Web API stand-ins listen on loopback over http: allowed only because this names them."""
+    monkeypatch.setenv("SWIFTCI_SLACK_API_HOSTS", "127.0.0.1,localhost")
+
+
+@pytest.mark.parametrize("url", ["http://slack.com/api", "https://slack.com.evil.example/api",
+                                 "https://evil.example/api", "http://127.0.0.2:8080/api"])
+def test_a_slack_api_url_that_could_leak_the_bot_token_is_a_config_error(load_notify, url):
+    with pytest.raises(ConfigError, match="notify.slack.api_url: .* would receive the bot token"):
+        load_notify({"slack": {"token": "${SLACK_BOT_TOKEN}", "channel": "C0123", "api_url": url}},
+                    SLACK_BOT_TOKEN=SLACK_TOKEN)
+
+
+def test_slack_text_from_data_is_shown_never_interpreted():
+    msg = Message("failure", "bot: <!channel> train failed", text="*Why:* row <!here|x> & <https://evil.example|ok>",
+                  fields=[("dataset", "<!everyone>.jsonl")], mention=True)
+    payload = slack_payload(msg, ["<@U012AB3CD>"])
+    text = json.dumps([payload["text"], *payload["blocks"][1:]])  # the header is plain_text: never parsed
+    assert "<!channel>" not in text and "<!here" not in text and "<!everyone>" not in text
+    assert "<https://evil.example" not in text and "&lt;https://evil.example|ok&gt;" in text
+    assert "&amp;" in text and "<@U012AB3CD>" in json.dumps(payload["blocks"][-1]), "the configured mention stays"
+
+
 @pytest.fixture
 def webhook_cfg(tiny_model, tmp_path, monkeypatch):
     def make(url: str, **notify) -> configlib.Config:
