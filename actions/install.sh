@@ -22,10 +22,20 @@ if [ -n "${SWIFTCI_EXTRAS:-}" ]; then
   fi
   spec="$root[$SWIFTCI_EXTRAS]"
 fi
-args=(--disable-pip-version-check --quiet)
-if [ -n "${SWIFTCI_CONSTRAINTS:-}" ]; then
-  args+=(-c "$SWIFTCI_CONSTRAINTS")
+# an earlier action of this job that installed this very source with these extras into this interpreter leaves a
+# stamp: a job that calls several actions installs once
+source_hash="$(cd "$root" && find pyproject.toml swiftci -type f -name '*.py' -o -type f -name pyproject.toml \
+  | sort | xargs sha256sum | sha256sum | cut -c1-16)"
+stamp="$(python -c 'import sys; print(sys.prefix)')/.swiftci-installed-$source_hash-${SWIFTCI_EXTRAS:-core}-$(printf '%s' "${SWIFTCI_CONSTRAINTS:-}" | sha256sum | cut -c1-8)"
+if [ -f "$stamp" ] && command -v swiftci >/dev/null; then
+  echo "swiftci from this checkout is already installed here"
+else
+  args=(--disable-pip-version-check --quiet)
+  if [ -n "${SWIFTCI_CONSTRAINTS:-}" ]; then
+    args+=(-c "$SWIFTCI_CONSTRAINTS")
+  fi
+  python -m pip install "${args[@]}" "$spec"
+  touch "$stamp"
 fi
-python -m pip install "${args[@]}" "$spec"
 swiftci --version
 echo "::endgroup::"
