@@ -76,7 +76,7 @@ test-latest: system-deps $(TINY)/base-model/config.json
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade -c constraints.txt -e '.[$(EXTRAS)]'
-	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | $(CANONICAL) > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -v "^pip==" | $(CANONICAL) > $(LATEST)/versions.txt
 	grep -E '^[A-Za-z0-9]' $(LOCK) | sed 's/ .*//' | $(CANONICAL) > $(LATEST)/locked.txt
 	@echo "== what moved against $(LOCK) (< locked, > newest):"; \
 	  diff $(LATEST)/locked.txt $(LATEST)/versions.txt | grep '^[<>]' || echo "nothing"
