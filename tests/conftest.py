@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,6 +148,80 @@ def greedy_exact_match(model_dir: Path, rows_path: Path, adapter_dir: Path | Non
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     answers = [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
     return sum(a == r["messages"][-1]["content"] for a, r in zip(answers, rows)) / len(rows)
+
+
+# --- a real registry and buildah, isolated in tmp folders ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """A Debian `docker-registry` (distribution) with filesystem storage, on 127.0.0.1."""
+    if shutil.which("docker-registry") is None:
+        pytest.fail("docker-registry is missing; `make system-deps` installs it")
+    root = tmp_path_factory.mktemp("registry")
+    port = _free_port()
+    (root / "config.yml").write_text(yaml.safe_dump({
+        "version": 0.1, "log": {"level": "warn"}, "storage": {"filesystem": {"rootdirectory": str(root / "data")},
+                                                             "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}"}}))
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
+                            stderr=open(root / "registry.log", "w"))
+    import requests
+
+    for _ in range(100):
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("the registry did not start")
+    yield {"host": f"127.0.0.1:{port}", "data": root / "data"}
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def containers_env(tmp_path_factory, registry) -> dict:
+    """buildah settings that keep its storage in a tmp folder and trust the local registry."""
+    root = tmp_path_factory.mktemp("containers")
+    (root / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{root}/storage"\n'
+                                       f'runroot = "{root}/run"\n')
+    (root / "registries.conf").write_text(f'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
+                                          f'[[registry]]\nlocation = "{registry["host"]}"\ninsecure = true\n')
+    (root / "containers.conf").write_text(f'[network]\nnetwork_backend = "cni"\nnetwork_config_dir = "{root}/net"\n')
+    (root / "tmp").mkdir()
+    return {"CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(root / "registries.conf"),
+            "CONTAINERS_CONF": str(root / "containers.conf"), "BUILDAH_ISOLATION": "chroot",
+            "TMPDIR": str(root / "tmp")}
+
+
+@pytest.fixture(scope="session")
+def engine_image(tmp_path_factory, registry, containers_env) -> str:
+    """A stand-in for a CUDA serving image (none can be pulled here): FROM scratch with busybox-static."""
+    ctx = tmp_path_factory.mktemp("engine")
+    (ctx / "bin").mkdir()
+    shutil.copy("/bin/busybox", ctx / "bin/busybox")
+    (ctx / "Containerfile").write_text(
+        "FROM scratch\nCOPY bin/busybox /bin/busybox\n"
+        'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+        "RUN mkdir -p /tmp /etc && chmod 1777 /tmp && echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd\n"
+        "ENV PATH=/bin\n")
+    ref = f"{registry['host']}/engine:v1"
+    env = {**os.environ, **containers_env}
+    for cmd in (["buildah", "build", "--tls-verify=false", "-f", str(ctx / "Containerfile"), "-t", ref, str(ctx)],
+                ["buildah", "push", "--tls-verify=false", ref, f"docker://{ref}"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return ref
 
 
 def pytest_collection_modifyitems(items):

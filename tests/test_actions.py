@@ -52,11 +52,15 @@ def act_repo(tmp_path_factory) -> Path:
 
 
 def act(repo: Path, work: Path, event: str, workflow: str, *, event_json: dict | None = None,
-        variables: dict | None = None, env: dict | None = None, secrets: dict | None = None):
-    """Run act in host mode with a clean environment; returns (exit code, log)."""
+        variables: dict | None = None, env: dict | None = None, secrets: dict | None = None,
+        platforms: tuple[str, ...] = (), swiftci_repo: Path | None = None):
+    """Run act in host mode with a clean environment (HOME in `work`, where act keeps each job's workspace);
+    `platforms` are further runs-on labels that run on this host; `swiftci/swiftci@v1` is `swiftci_repo` (default:
+    `repo`, the copy of this working tree). Returns (exit code, log)."""
     (work / "artifacts").mkdir(parents=True, exist_ok=True)
     cmd = [str(BIN / "act"), event, "-W", workflow, "-P", "ubuntu-latest=-self-hosted", "--no-cache-server",
-           "--action-cache-path", str(work / "act-cache"), "--local-repository", f"swiftci/swiftci@v1={repo}"]
+           *[arg for label in platforms for arg in ("-P", f"{label}=-self-hosted")],
+           "--action-cache-path", str(work / "act-cache"), "--local-repository", f"swiftci/swiftci@v1={swiftci_repo or repo}"]
     for ref, path in PINNED.items():
         cmd += ["--local-repository", f"{ref}={path}"]
     if event_json is not None:
@@ -73,8 +77,10 @@ def act(repo: Path, work: Path, event: str, workflow: str, *, event_json: dict |
     for key, value in (secrets or {}).items():
         cmd += ["-s", f"{key}={value}"]
     base_python = Path(os.path.realpath(sys._base_executable)).parent
-    clean_env = {"PATH": f"{base_python}:/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    (work / "home").mkdir(exist_ok=True)
+    clean_env = {"PATH": f"{base_python}:/usr/local/bin:/usr/bin:/bin", "HOME": str(work / "home")}
     proc = subprocess.run(cmd, cwd=repo, env=clean_env, capture_output=True, text=True, timeout=900)
+    (work / "act.log").write_text(proc.stdout + proc.stderr)  # the whole log, for a failing test's reader
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -93,24 +99,72 @@ LENIENT_EVAL = {"limit": 20, "gates": [{"metric": "tiny_reverse/exact_match", "m
                                        {"metric": "tiny_reverse_mc/acc", "max_drop": "100%"}]}
 
 
+@pytest.fixture
+def cluster(tmp_path):
+    from fakes.kube_api import Controller, FakeKubeAPI
+
+    api = FakeKubeAPI(controller=Controller())
+    api.kubeconfig_path = api.kubeconfig(tmp_path / "kubeconfig")
+    yield api
+    api.close()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_train_and_evaluate_actions_on_push(act_repo, act_config, tmp_path):
-    cfg = act_config(train=SHORT_TRAIN, evaluate=LENIENT_EVAL)
-    code, log = act(act_repo, tmp_path, "push", "tests/act/push.yml",
-                    variables={"SWIFTCI_CONFIG": str(cfg)}, env={"SWIFTCI_TEST_OUT": str(tmp_path)})
+def test_each_action_alone_with_its_outputs_read_later(act_repo, act_config, tmp_path, cluster, httpserver,
+                                                       registry, containers_env, engine_image):
+    """train → evaluate → quantize → deploy as separate actions (no pipeline), each one's documented outputs read by
+    a later step; a quantized file changed after quantize is refused (exit 3); `rollback: true` goes back."""
+    from fakes.openai_api import FakeOpenAI
+
+    openai = FakeOpenAI(httpserver)
+    earlier = f"{registry['host']}/tiny-reverse@sha256:{'e' * 64}"
+    cfg = act_config(evaluate=LENIENT_EVAL, quantize={"calibration": {"samples": 16}, "gates": {
+        "reuse_eval_gates": False, "max_ppl_increase_pct": 1000}}, deploy={
+        "target": "kubernetes", "engine": "transformers", "engine_image": engine_image,
+        "image": f"{registry['host']}/tiny-reverse", "builder": "buildah", "insecure_registry": True,
+        "model": "quantized", "namespace": "ml", "gpus": 0, "replicas": 1,
+        "smoke": {"url": openai.url, "prompts": [{"prompt": "reverse: ship", "expect": ["pihs"]}]},
+        "timeouts": {"rollout_seconds": 60, "smoke_seconds": 60}})
+    code, log = act(act_repo, tmp_path, "push", "tests/act/actions.yml", variables={"SWIFTCI_CONFIG": str(cfg)},
+                    env={"SWIFTCI_TEST_OUT": str(tmp_path), "SWIFTCI_TEST_EARLIER_IMAGE": earlier, **containers_env},
+                    secrets={"KUBECONFIG": Path(cluster.kubeconfig_path).read_text()})
     assert code == 0, log[-6000:]
     out = json.loads((tmp_path / "outputs.json").read_text())
-    train_report = json.loads(Path(out["TRAIN_REPORT_PATH"]).read_text())
-    eval_report = json.loads(Path(out["EVAL_REPORT_PATH"]).read_text())
+    reports = {stage: json.loads(Path(out[f"{stage.upper()}_REPORT_PATH"]).read_text())
+               for stage in ("train", "eval", "quantize", "deploy")}
     assert out["TRAIN_PASSED"] == "true" and out["EVAL_PASSED"] == "true" and out["EVAL_STATUS"] == "passed"
     assert Path(out["TRAIN_MODEL_PATH"], "config.json").is_file()  # merge: true -> the merged model
-    assert train_report["run_id"] == out["TRAIN_RUN_ID"] and eval_report["run_id"] == out["TRAIN_RUN_ID"]
-    assert json.loads(out["TRAIN_METRICS"]) == train_report["metrics"] and train_report["metrics"]["steps"] == 30
-    assert json.loads(out["EVAL_METRICS"]) == eval_report["metrics"]
-    assert "Summary - ### swiftci train" in log and "Summary - ### swiftci evaluate" in log
+    assert out["TRAIN_RUN_ID"] == reports["train"]["run_id"] == reports["deploy"]["run_id"] == out["DEPLOY_RUN_ID"]
+    assert json.loads(out["TRAIN_METRICS"]) == reports["train"]["metrics"] and reports["train"]["metrics"]["steps"] == 30
+    assert out["TRAIN_FILES_SHA256"] == reports["train"]["files_sha256"]
+    assert json.loads(out["EVAL_METRICS"]) == reports["eval"]["metrics"]
+    assert out["QUANTIZE_PASSED"] == "true" and out["QUANTIZE_STATUS"] == "passed"
+    assert Path(out["QUANTIZE_MODEL_PATH"], "config.json").is_file() and out["QUANTIZE_MODEL_PATH"].endswith("model")
+    assert json.loads(out["QUANTIZE_METRICS"]) == reports["quantize"]["metrics"]
+    assert out["QUANTIZE_FILES_SHA256"] == reports["quantize"]["files_sha256"]
+    digest = out["DEPLOY_IMAGE_DIGEST"]
+    assert out["DEPLOY_STATUS"] == "deployed" and out["DEPLOY_PASSED"] == "true" and digest.startswith("sha256:")
+    assert out["DEPLOY_IMAGE_REF"] == f"{registry['host']}/tiny-reverse@{digest}"
+    labels = image_labels(f"{registry['host']}/tiny-reverse@{digest}", containers_env)
+    assert labels["dev.swiftci.model-sha256"] == reports["quantize"]["files_sha256"], "the image says what it holds"
+    after = json.loads((tmp_path / "after.json").read_text())
+    assert after["TAMPERED_OUTCOME"] == "failure" and after["TAMPERED_STATUS"] == "failed"
+    assert "quantize/model/model.safetensors has sha256" in log and "exit-code=3" in log
+    assert after["ROLLBACK_STATUS"] == "rolled_back_by_request" and after["ROLLBACK_IMAGE_DIGEST"] == f"sha256:{'e' * 64}"
+    live = cluster.get("deployments", "ml", "tiny-reverse")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert live == earlier, "the rollback left the earlier release serving"
     group = log.index("::group::swiftci train")  # the training log is folded into its own group
     assert group < log.index("step 25/30") < log.index("::endgroup::", group)
+    for stage in ("train", "evaluate", "quantize", "deploy"):
+        assert f"Summary - ### swiftci {stage}" in log
+
+
+def image_labels(ref: str, containers_env: dict) -> dict:
+    proc = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"], capture_output=True,
+                          text=True, env={**os.environ, **containers_env})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["Labels"]
 
 
 @pytest.mark.slow
@@ -198,6 +252,15 @@ def test_zizmor_finds_nothing_at_medium_or_above():
     assert proc.returncode == 0 and findings == [], json.dumps(findings, indent=1)[:4000]
 
 
+def test_zizmor_as_an_auditor_finds_nothing_at_medium_or_above_in_what_we_ship():
+    """The auditor persona, over the actions and every workflow file by name (zizmor looks for workflows only in
+    .github/workflows when given a folder, and users copy ours from workflows/)."""
+    proc = tool("zizmor", "--offline", "--persona", "auditor", "--format", "json", "--min-severity", "medium",
+                *ACTION_FILES, *WORKFLOW_FILES)
+    findings = json.loads(proc.stdout or "[]")
+    assert proc.returncode == 0 and findings == [], json.dumps(findings, indent=1)[:4000]
+
+
 @pytest.mark.parametrize("schema,files", [("vendor.github-actions", ACTION_FILES),
                                           ("vendor.github-workflows", WORKFLOW_FILES)])
 def test_check_jsonschema(schema, files):
@@ -233,5 +296,5 @@ def test_pipeline_declares_typed_inputs_secrets_and_least_privilege():
     assert "concurrency" in spec
     for job in spec["jobs"].values():
         assert "permissions" in job
-    assert list(spec["jobs"]) == ["train", "evaluate", "quantize", "deploy", "comment"]
+    assert list(spec["jobs"]) == ["train", "evaluate", "quantize", "gate", "comment"]
     assert spec["jobs"]["evaluate"]["needs"] == "train"

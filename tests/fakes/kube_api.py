@@ -290,3 +290,46 @@ class FakeKubeAPI:
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
+
+
+class Controller:
+    """Plays the Deployment controller and the kubelet: pods of an image in `crashing` crash-loop and never
+    become available; other images roll out."""
+
+    def __init__(self):
+        self.crashing: set[str] = set()
+
+    def __call__(self, api: FakeKubeAPI, dep: dict) -> None:
+        time.sleep(0.2)
+        ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]
+        spec = dep["spec"]
+        replicas = spec.get("replicas", 1)
+        labels = spec["template"]["metadata"]["labels"]
+        image = spec["template"]["spec"]["containers"][0]["image"]
+        track_sel = ",".join(f"{k}={v}" for k, v in spec["selector"]["matchLabels"].items())
+        old = [p for p in api.list("pods", ns, track_sel)
+               if p["metadata"]["labels"].get("swiftci.dev/revision") != labels.get("swiftci.dev/revision")]
+        crashing = any(d in image for d in self.crashing)
+        for i in range(replicas if not crashing else 1):
+            state = ({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}}
+                     if crashing else {"running": {"startedAt": "2026-11-23T00:00:00Z"}})
+            api.put("pods", {"metadata": {"name": f"{name}-{labels['swiftci.dev/revision']}-{i}", "namespace": ns,
+                                          "labels": labels},
+                             "spec": {"containers": [{"name": "server", "image": image}]},
+                             "status": {"phase": "Running",
+                                        "containerStatuses": [{"name": "server", "ready": not crashing,
+                                                               "restartCount": 4 if crashing else 0,
+                                                               "state": state}]}})
+        if crashing:  # maxUnavailable 0: the old pods keep serving, the new one never becomes available
+            status = {"observedGeneration": dep["metadata"]["generation"], "replicas": len(old) + 1,
+                      "updatedReplicas": 1, "availableReplicas": len(old), "readyReplicas": len(old)}
+        else:
+            for p in old:
+                api.remove("pods", ns, p["metadata"]["name"])
+            status = {"observedGeneration": dep["metadata"]["generation"], "replicas": replicas,
+                      "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+                      "conditions": [{"type": "Available", "status": "True"}]}
+        current = api.get("deployments", ns, name)
+        if current is not None and current["metadata"]["generation"] == dep["metadata"]["generation"]:
+            api.put("deployments", {"metadata": {"name": name, "namespace": ns}, "status": status},
+                    status_only=True)
