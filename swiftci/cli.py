@@ -89,9 +89,13 @@ def _config_options(fn):
 
 
 def _run_one(cfg, stage: str, *, show_report: bool = True, **options) -> dict:
-    """One stage with notifications; its markdown report is printed even when it fails."""
-    from swiftci import pipeline, stages
+    """One stage with notifications; its markdown report is printed even when it fails. What the configured stages
+    after it will read is checked first (exit 2 before any model loads; each stage checks its own inputs and
+    reports the problem in its own report)."""
+    from swiftci import pipeline, preflight, stages
 
+    names = stages.configured(cfg)
+    preflight.check(cfg, names[names.index(stage) + 1:] if stage in names else [])
     try:
         with pipeline.notifications(cfg) as notifier:
             report = pipeline.run_stage(cfg, stage, notifier, **options)
@@ -145,10 +149,12 @@ def main() -> None:
 @_config_options
 @_errors_to_exit_codes
 def validate(config_path: str, overrides: tuple[str, ...]) -> None:
-    """Check the config and the files it points to (no GPU needed, nothing is loaded)."""
-    from swiftci import stages
+    """Check the config and everything the run will read: data rows, evaluation tasks, their files and the
+    metrics the gates name (no GPU needed, no model is loaded)."""
+    from swiftci import preflight, stages
 
     cfg = _load(config_path, overrides)
+    preflight.check(cfg, stages.configured(cfg))
     click.echo(f"{config_path}: ok (stages: {', '.join(stages.configured(cfg)) or 'none'})")
 
 

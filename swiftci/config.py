@@ -915,7 +915,11 @@ def _message(err: dict, path: tuple, root: type[BaseModel]) -> str:
     given = err.get("input")
     if kind == "extra_forbidden":
         fields = _fields_at(root, path[:-1]) or {}
-        return f"unknown key '{path[-1]}'" + (_suggest(path[-1], list(fields)) or f"; known keys: {', '.join(fields)}")
+        message = f"unknown key '{path[-1]}'" + (_suggest(path[-1], list(fields)) or f"; known keys: {', '.join(fields)}")
+        if given is None:  # `{metric: task/m,filter, min: 1}` reads as a key `filter` with no value
+            message += ("; if it is the rest of a value that holds a comma or a colon, quote the value, e.g. "
+                        "`metric: \"gsm8k/exact_match,strict-match\"`")
+        return message
     if kind == "missing":
         return "is required"
     if kind == "literal_error":

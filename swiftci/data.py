@@ -81,8 +81,12 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
             raise UsageError(f"{where}: no assistant message, so there is nothing to learn from this row")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     if fmt == "alpaca":
-        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
-            raise UsageError(f"{where}: alpaca rows need string `instruction` and `output`")
+        bad = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+        if bad:
+            what = " and ".join(f"`{k}`" + (" (missing)" if k not in row else f" (a {type(row[k]).__name__})")
+                                for k in bad)
+            raise UsageError(f"{where}: alpaca rows need string `instruction` and `output`; this one has no string "
+                             f"{what}")
         prompt = row["instruction"]
         if row.get("input"):
             prompt += "\n\n" + str(row["input"])
@@ -92,9 +96,19 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
 
 
 def load_conversations(path: Path, declared_format: str) -> tuple[list[list[dict]], str]:
+    """Every row as chat messages, and the format; raises UsageError listing every bad row (up to 20)."""
     rows = read_jsonl(path)
     fmt = detect_format(rows, declared_format, path.name)
-    return [to_messages(r, fmt, f"{path.name}: row {i + 1}") for i, r in enumerate(rows)], fmt
+    conversations, problems = [], []
+    for i, r in enumerate(rows):
+        try:
+            conversations.append(to_messages(r, fmt, f"{path.name}: row {i + 1}"))
+        except UsageError as e:
+            problems.append(str(e))
+    if problems:
+        shown = problems[:20] + ([f"… and {len(problems) - 20} more bad rows"] if len(problems) > 20 else [])
+        raise UsageError(f"{len(problems)} of {len(rows)} rows in {path} are not {fmt} rows:\n" + "\n".join(shown))
+    return conversations, fmt
 
 
 def _assistant_spans(tokenizer: Any, msgs: list[dict], text: str, where: str) -> list[tuple[int, int]]:

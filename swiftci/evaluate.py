@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swiftci import models, reports, stages
+from swiftci import models, preflight, reports, stages
 from swiftci.config import Config, EvaluateConfig, GateConfig
-from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError, closest
+from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
 
 STAGE = "evaluate"
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics (accuracy, exact match) use the exact formula
@@ -95,13 +95,19 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
     try:
         evaluation = _evaluate(cfg, candidate, baseline, out)
     except (ConfigError, UsageError) as e:
-        _write(out, _error_report(head, ev.gates, e, "the evaluation was not started: bad configuration", started))
+        _write(out, _error_report(head, ev.gates, e, f"bad configuration: {e}", started))
         raise
     except Exception as e:  # fail closed: whatever broke, the gate is not passed
         error = e if isinstance(e, SwiftCIError) else StageError(f"{type(e).__name__}: {e}")
         _write(out, _error_report(head, ev.gates, error, str(error), started))
         raise StageError(f"evaluation could not run: {error}", kind=error.kind) from e
     report = _gated_report(cfg, head, evaluation, baseline, started)
+    missing = [(i, g) for i, g in enumerate(report["gates"]) if g.get("missing")]
+    if missing:  # a gate on a metric its task does not produce is a config mistake, never a worse model
+        error = ConfigError([f"{cfg.source}: evaluate.gates[{i}].metric: '{g['metric']}' is not among the results: "
+                             f"{g['reason']}" for i, g in missing])
+        _write(out, _error_report(head, ev.gates, error, f"bad configuration: {error}", started))
+        raise error
     _write(out, report)
     if not report["passed"]:
         failed = [g for g in report["gates"] if not g["passed"]]
@@ -214,48 +220,6 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _task_manager(cfg: Config, tasks: list[str]):
-    """Index only the local task folder when every task is local: indexing lm-eval's ~15k built-in task YAMLs costs
-    seconds on every run."""
-    from lm_eval.tasks import TaskManager
-
-    task_dir = str(cfg.resolve(cfg.evaluate.task_dir)) if cfg.evaluate.task_dir else None
-    if task_dir:
-        local = TaskManager(include_path=task_dir, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
-            return local
-    manager = TaskManager(include_path=task_dir)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        hints = []
-        for t in unknown:
-            close = closest(t, manager.all_tasks)
-            hints.append(f"'{t}'" + (f" (did you mean '{close}'?)" if close else ""))
-        where = f" nor a task YAML in {cfg.evaluate.task_dir}/" if task_dir else ""
-        raise StageError(f"unknown lm-eval task {', '.join(hints)}: not a built-in lm-eval task{where}; "
-                         "fix evaluate.tasks (`lm-eval ls tasks` lists the built-in ones)")
-    return manager
-
-
-def _check_gate_metrics(cfg: Config, manager: Any) -> None:
-    """A gate on a metric that its task does not produce is a config error (exit 2), found before any scoring.
-
-    Reads the metric list from lm-eval's task index (no dataset is loaded); groups and Python tasks, whose metrics
-    are only known after a run, are checked after scoring instead (a missing metric then fails the gate)."""
-    problems = []
-    for i, gate in enumerate(cfg.evaluate.gates):
-        entry = manager.task_index.get(gate.task)
-        metric_list = (getattr(entry, "cfg", None) or {}).get("metric_list")
-        if not isinstance(metric_list, list):
-            continue
-        produced = sorted({m["metric"] for m in metric_list if isinstance(m, dict) and isinstance(m.get("metric"), str)})
-        if produced and gate.metric_name.split(",")[0] not in produced:
-            problems.append(f"{cfg.source}: evaluate.gates[{i}].metric: task '{gate.task}' produces "
-                            f"{', '.join(produced)}, not '{gate.metric_name}'")
-    if problems:
-        raise ConfigError(problems)
-
-
 def _load_model(cfg: Config, candidate: Candidate):
     """(model, tokenizer) for the candidate; a LoRA adapter comes back as a PeftModel over the base."""
     import torch
@@ -288,8 +252,9 @@ def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> Ev
     from lm_eval.models.huggingface import HFLM
 
     ev = cfg.evaluate
-    manager = _task_manager(cfg, ev.tasks)
-    _check_gate_metrics(cfg, manager)
+    manager, problems = preflight.task_manager(cfg)
+    if problems:
+        raise ConfigError(problems)
     task_dir = cfg.resolve(ev.task_dir) if ev.task_dir else Path.cwd()
     # Build each task (and read its dataset) once, before any weights are loaded; both models reuse the objects.
     with contextlib.chdir(task_dir):
@@ -470,6 +435,7 @@ def _check_gate(gate: GateConfig, metrics: dict, tasks: dict) -> dict:
     if m is None:
         produced = ", ".join(sorted(metrics.get(gate.task, {}))) or "nothing"
         result["reason"] = f"metric missing from the results (task produced: {produced})"
+        result["missing"] = bool(metrics.get(gate.task))  # the task ran, without this metric
         return result
     value, baseline = m["value"], m["baseline"]
     result["value"], result["baseline"] = value, baseline

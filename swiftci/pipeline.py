@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from swiftci import stages
+from swiftci import preflight, stages
 from swiftci.config import Config
 from swiftci.errors import SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, finish_message
@@ -62,6 +62,7 @@ def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print
     names = stages.configured(cfg)
     if not names:
         raise UsageError(f"{cfg.source}: no stage configured; add a `train` section")
+    preflight.check(cfg, names)  # a run that must fail later fails now, before any model loads (exit 2)
     stages.clear(cfg, names)
     done: dict[str, dict] = {}
     with notifications(cfg) as notifier:

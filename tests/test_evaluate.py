@@ -105,10 +105,11 @@ def test_earlier_report_as_baseline(trained, tiny_model, tmp_path):
 FAIL_CLOSED = [
     # (task, gate metric, exit code, reason in both reports)
     ("nan_metric", "nan_metric/score", 1, "value is nan, not a number"),
-    ("no_metric_list", "no_metric_list/acc", 1, "metric missing from the results (task produced: exact_match)"),
+    # config mistakes found only after scoring are still config mistakes (exit 2), never a worse model
+    ("no_metric_list", "no_metric_list/acc", 2, "metric missing from the results (task produced: exact_match)"),
     ("empty_task", "empty_task/exact_match", 3, "task 'empty_task' has 0 samples"),
-    ("missing_data", "missing_data/exact_match", 3, "lm-eval could not load task 'missing_data'"),
-    ("tiny_reverse_typo", "tiny_reverse_typo/exact_match", 3, "unknown lm-eval task 'tiny_reverse_typo'"),
+    ("missing_data", "missing_data/exact_match", 2, "task 'missing_data' reads"),
+    ("tiny_reverse_typo", "tiny_reverse_typo/exact_match", 2, "unknown lm-eval task 'tiny_reverse_typo'"),
 ]
 
 
