@@ -159,11 +159,14 @@ def validate(config_path: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-def schema() -> None:
-    """Print the JSON Schema of swiftci.yaml (for editor completion)."""
+@click.option("--format", "fmt", type=click.Choice(["json", "md"]), default="json", show_default=True,
+              help="`json`: the JSON Schema (for editor completion); `md`: a table of every key, its type, default "
+                   "and description, for people.")
+def schema(fmt: str) -> None:
+    """Print every key of swiftci.yaml: the JSON Schema, or a readable table."""
     from swiftci import config
 
-    click.echo(json.dumps(config.json_schema(), indent=2))
+    click.echo(json.dumps(config.json_schema(), indent=2) if fmt == "json" else config.reference_markdown(), nl=fmt == "json")
 
 
 @main.command()

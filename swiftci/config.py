@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -1070,3 +1072,76 @@ def json_schema() -> dict:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "swiftci.yaml"
     return schema
+
+
+# --- the reference, for people ----------------------------------------------------------------------------------
+
+
+def reference_markdown() -> str:
+    """Every key of swiftci.yaml as a Markdown table — key, type, default, description — read from the models above
+    (the only home of defaults): `swiftci schema --format md`, and README's configuration reference."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    for key, field in _fields_under(Config, ""):
+        lines.append(f"| `{key}` | {_md_cell(_type_name(field.annotation))} | {_md_cell(_default_text(field))} | "
+                     f"{_md_cell(field.description or '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fields_under(model: type[BaseModel], prefix: str):
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        yield key, field
+        for inner, suffix in _sections_in(field.annotation):
+            yield from _fields_under(inner, f"{key}{suffix}.")
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _sections_in(annotation: Any) -> list[tuple[type[BaseModel], str]]:
+    """The config models inside a field's type: `X` and `X | None` (keys `a.b`), `list[X]` (keys `a[].b`)."""
+    if _is_section(annotation):
+        return [(annotation, "")]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return [(args[0], "[]")] if args and _is_section(args[0]) else []
+    if origin in (typing.Union, types.UnionType):
+        return [found for arg in args for found in _sections_in(arg)]
+    return []
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if _is_section(tp):
+        return "section"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return f"map of {_type_name(args[1])}" if len(args) == 2 else "map"
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path", Any: "any"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "(section)" if isinstance(value, BaseModel) else f"`{json.dumps(value, default=str)}`"
+    if field.default is None:
+        return "unset"
+    value = field.default.value if hasattr(field.default, "value") else field.default
+    return f"`{json.dumps(value, default=str)}`"
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|").replace("\\\\|", "\\|")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, swiftci
+from conftest import ROOT, TINY, swiftci, swiftci_in_process
 
 GOOD = """\
 name: demo
@@ -266,3 +267,18 @@ def test_core_install_without_torch(tmp_path, cfg_file):
     assert ok.returncode == 0, ok.stderr
     schema = subprocess.run([str(venv / "bin/swiftci"), "schema"], capture_output=True, text=True)
     assert schema.returncode == 0 and json.loads(schema.stdout)["title"] == "swiftci.yaml"
+
+
+def test_schema_as_a_table_names_every_key_with_the_models_default():
+    from swiftci import config
+
+    proc = swiftci_in_process("schema", "--format", "md")
+    assert proc.returncode == 0
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:5]] for line in proc.stdout.splitlines()[2:]]
+    rows = {key.strip("`"): rest for key, *rest in cells}
+    assert rows["train.lora.rank"][1] == f"`{config.LoraConfig().rank}`"
+    assert rows["name"][1] == "required" and rows["evaluate.gates[].metric"][1] == "required"
+    assert rows["quantize.gates.max_ppl_increase_pct"][1] == f"`{config.QuantizeGatesConfig().max_ppl_increase_pct}`"
+    assert rows["train.tuner"][0] == "`lora` \\| `qlora` \\| `full`"
+    leaves = [k for k, f in config._fields_under(config.Config, "") if not config._sections_in(f.annotation)]
+    assert set(leaves) <= set(rows), "every key that takes a value has a row"

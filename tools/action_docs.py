@@ -1,10 +1,11 @@
-"""Keep README's input/output tables in step with the action.yml files.
+"""Keep README's generated tables in step with their sources: each action's inputs and outputs (action.yml) and
+the configuration reference (swiftci's typed config, as `swiftci schema --format md` prints it).
 
     python tools/action_docs.py          # rewrite the tables in README.md
-    python tools/action_docs.py --check  # exit 1 when README.md and the action files disagree (run by the tests)
+    python tools/action_docs.py --check  # exit 1 when README.md and the sources disagree (run by the tests)
 
 The tables sit between `<!-- action-docs:NAME -->` and `<!-- /action-docs:NAME -->` markers, one pair per folder
-in actions/.
+in actions/, and between `<!-- config-reference -->` and `<!-- /config-reference -->`.
 """
 
 from __future__ import annotations
@@ -37,15 +38,21 @@ def table(action: Path) -> str:
     return "\n".join(lines)
 
 
+def _replace(readme: str, start: str, end: str, text: str) -> str:
+    if start not in readme:
+        raise SystemExit(f"README.md has no {start} … {end} section")
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    return pattern.sub(lambda _m: f"{start}\n{text.rstrip()}\n{end}", readme)
+
+
 def render(readme: str) -> str:
     for action in sorted(ROOT.glob("actions/*/action.yml")):
         name = action.parent.name
-        start, end = f"<!-- action-docs:{name} -->", f"<!-- /action-docs:{name} -->"
-        if start not in readme:
-            raise SystemExit(f"README.md has no {start} … {end} section for actions/{name}")
-        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-        readme = pattern.sub(lambda _m: f"{start}\n{table(action)}\n{end}", readme)
-    return readme
+        readme = _replace(readme, f"<!-- action-docs:{name} -->", f"<!-- /action-docs:{name} -->", table(action))
+    sys.path.insert(0, str(ROOT))
+    from swiftci.config import reference_markdown
+
+    return _replace(readme, "<!-- config-reference -->", "<!-- /config-reference -->", reference_markdown())
 
 
 def main() -> None:
@@ -53,11 +60,12 @@ def main() -> None:
     wanted = render(current)
     if "--check" in sys.argv:
         if wanted != current:
-            sys.exit("README.md's action tables differ from actions/*/action.yml; run: python tools/action_docs.py")
-        print("README.md action tables are up to date")
+            sys.exit("README.md's generated tables differ from actions/*/action.yml or swiftci/config.py; run: "
+                     "python tools/action_docs.py")
+        print("README.md's generated tables are up to date")
         return
     README.write_text(wanted)
-    print("README.md action tables rewritten")
+    print("README.md's generated tables rewritten")
 
 
 if __name__ == "__main__":
