@@ -232,15 +232,18 @@ def deploy(config_path: str, overrides: tuple[str, ...], dry_run: bool, rollback
 
 @main.command()
 @_config_options
-@click.option("--resume", is_flag=True, help="Resume training from its newest checkpoint.")
+@click.option("--resume", is_flag=True, help="Resume training from its newest checkpoint (a finished training of "
+              "the same config and data is kept as it is).")
+@click.option("--reuse", is_flag=True, help="Keep the finished stages in the output folder whose config, files and "
+              "input model are unchanged; run the rest.")
 @_errors_to_exit_codes
-def run(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
+def run(config_path: str, overrides: tuple[str, ...], resume: bool, reuse: bool) -> None:
     """Run every configured stage in order, stopping at the first failure."""
     from swiftci import pipeline, stages
 
     cfg = _load(config_path, overrides)
     try:
-        pipeline.run(cfg, resume=resume, say=lambda s: click.echo(s, err=True))
+        pipeline.run(cfg, resume=resume, reuse=reuse, say=lambda s: click.echo(s, err=True))
     finally:  # what each stage concluded, as people read it (the job summary in GitHub Actions)
         for stage in stages.configured(cfg):
             md = stages.summary(cfg, stage)

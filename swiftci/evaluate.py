@@ -90,6 +90,7 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
     head = reports.new_report(STAGE, stages.RUNNING, run_id=candidate.run_id,
                               model={"path": candidate.label, "kind": candidate.kind, "sha256": candidate.sha256},
                               verified=candidate.verified,
+                              fingerprint=stages.fingerprint(cfg, STAGE) if candidate.verified else None,
                               baseline={"kind": _baseline_kind(baseline), "source": _baseline_label(baseline)})
     _write(out, {**head, "passed": False})
     try:

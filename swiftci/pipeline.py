@@ -3,6 +3,7 @@ stage's exit code; single-stage commands run one. Both tell the notification cha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,25 +58,66 @@ def stage_finished(cfg: Config, stage: str, report: dict, notifier: Notifier) ->
     notifier.finish(message)
 
 
-def run(cfg: Config, *, resume: bool = False, say: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run every configured stage; return their reports. Raises the failing stage's error."""
+def run(cfg: Config, *, resume: bool = False, reuse: bool = False, say: Callable[[str], None] = print
+        ) -> dict[str, dict]:
+    """Run every configured stage; return their reports. Raises the failing stage's error.
+
+    `reuse` keeps the stages at the head of the pipeline whose finished outputs in the output folder came from the
+    same config sections, files and model (stages.reusable); `resume` keeps a finished training the same way. Any
+    other finished run there is started over, with a notice."""
     names = stages.configured(cfg)
     if not names:
         raise UsageError(f"{cfg.source}: no stage configured; add a `train` section")
     preflight.check(cfg, names)  # a run that must fail later fails now, before any model loads (exit 2)
-    stages.clear(cfg, names)
+    kept = _reusable_head(cfg, names, reuse, resume)
+    if not reuse and len(kept) < len(names) and stages.reusable(cfg, names[0]) is not None:
+        say(f"note: {cfg.stage_dir(names[0])} holds a finished {names[0]} of this same config and inputs; starting "
+            "over (`swiftci run --reuse` keeps the stages whose config and inputs are unchanged)")
+    stages.clear(cfg, names[len(kept):])
     done: dict[str, dict] = {}
     with notifications(cfg) as notifier:
         for stage in names:
-            say(f"==> {stage}")
+            if stage in kept:
+                done[stage] = kept[stage]
+                say(f"==> {stage}: reusing the finished run in {cfg.stage_dir(stage)} (same config, inputs and files)")
+                continue
+            _group(stage, say)
             options = {"resume": resume} if stage == "train" else {}
             try:
                 done[stage] = run_stage(cfg, stage, notifier, **options)
             except SwiftCIError:
                 say(f"==> {stage} failed; its report: {cfg.stage_dir(stage)}")
                 raise
+            finally:
+                _group(None, say)
             say(f"==> {stage}: {done[stage]['status']} — outputs in {cfg.stage_dir(stage)}")
             if stage != names[-1]:
                 notifier.stage(Message("stage", f"{cfg.name}: {stage} {done[stage]['status']}"))
         notifier.finish(finish_message(cfg, done))
     return done
+
+
+def _reusable_head(cfg: Config, names: list[str], reuse: bool, resume: bool) -> dict[str, dict]:
+    """The finished stages at the head of the pipeline that this run keeps: with `reuse`, every one in a row that
+    stages.reusable accepts (a later stage depends on the earlier ones); with `resume`, a finished training."""
+    kept: dict[str, dict] = {}
+    for stage in names:
+        if not (reuse or (resume and stage == "train")):
+            break
+        report = stages.reusable(cfg, stage)
+        if report is None:
+            break
+        kept[stage] = report
+    return kept
+
+
+def _group(stage: str | None, say: Callable[[str], None]) -> None:
+    """One collapsible group per stage in a GitHub Actions log; elsewhere a plain header."""
+    in_actions = os.environ.get("GITHUB_ACTIONS") == "true"
+    if stage is None:
+        if in_actions:
+            print("::endgroup::", flush=True)
+        return
+    if in_actions:
+        print(f"::group::swiftci {stage}", flush=True)
+    say(f"==> {stage}")

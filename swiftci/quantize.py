@@ -48,7 +48,8 @@ def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     head = reports.new_report(STAGE, stages.RUNNING, run_id=stages.train_run_id(cfg), method=qc.method,
-                              bits=qc.bits, group_size=qc.group_size, backend=qc.backend)
+                              bits=qc.bits, group_size=qc.group_size, backend=qc.backend,
+                              fingerprint=stages.fingerprint(cfg, STAGE) if model_dir is None else None)
     _write(out, {**head, "passed": False})
     try:
         source, source_label = _source(cfg, model_dir, out)

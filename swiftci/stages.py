@@ -230,3 +230,51 @@ def produced(cfg: Config, name: str, prefer: tuple[str, ...] = ("model", "adapte
             folder = cfg.stage_dir(name) / outputs[kind]
             return Produced(folder, kind, report.get("run_id"), verify(cfg, name, folder))
     raise StageError(f"the {name} stage wrote no {' or '.join(prefer)} (its outputs: {', '.join(outputs) or 'none'})")
+
+
+# --- reruns ------------------------------------------------------------------------------------------------------
+#
+# A stage's report records the fingerprint of what decided its outputs: its config sections, the content of the
+# files they name, and the file record of the model handed to it. A rerun into the same folder can then tell a
+# finished run of the same inputs (`swiftci run --reuse` keeps it) from a stale one. Deploy is never reused: it acts
+# on a cluster, and finds by itself that the same digest already runs ("unchanged").
+
+REUSABLE = ("train", "evaluate", "quantize")
+_DECIDED_BY = {"train": ("model", "data", "train"), "evaluate": ("model", "evaluate"),
+               "quantize": ("model", "data", "evaluate", "quantize")}
+
+
+def fingerprint(cfg: Config, name: str) -> str:
+    """The sha256 of what decides stage `name`'s outputs, as this config and these files stand now."""
+    sections = {k: getattr(cfg, k).model_dump(mode="json") if getattr(cfg, k) is not None else None
+                for k in _DECIDED_BY[name]}
+    files: dict[str, str] = {}
+    if cfg.data is not None and "data" in _DECIDED_BY[name]:
+        for path in (cfg.data.train, cfg.data.validation):
+            if path is not None and cfg.resolve(path).is_file():
+                files[str(path)] = file_sha256(cfg.resolve(path))
+    ev = cfg.evaluate
+    if ev is not None and "evaluate" in _DECIDED_BY[name]:
+        if ev.task_dir and cfg.resolve(ev.task_dir).is_dir():  # task YAMLs and their data
+            files.update({f"{ev.task_dir}/{k}": v for k, v in record_files(cfg.resolve(ev.task_dir), ["."]).items()})
+        if ev.baseline not in ("base", "none") and cfg.resolve(ev.baseline).is_file():
+            files[ev.baseline] = file_sha256(cfg.resolve(ev.baseline))
+    handed = (read_report(cfg, "train") or {}).get("files_sha256") if name != "train" and cfg.train else None
+    blob = {"stage": name, "sections": sections, "files": files, "input": handed}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reusable(cfg: Config, name: str) -> dict | None:
+    """The stage's finished report when its outputs can stand for a rerun: it passed, with the same fingerprint,
+    and the files it handed on are still the bytes it recorded. None otherwise."""
+    if name not in REUSABLE:
+        return None
+    report = read_report(cfg, name) if name == "train" else this_runs_report(cfg, name)
+    if not report or report.get("status") not in get(name).passed or report.get("fingerprint") != fingerprint(cfg, name):
+        return None
+    for folder in (report.get("outputs") or {}).values():
+        try:
+            verify(cfg, name, cfg.stage_dir(name) / folder)
+        except StageError:
+            return None
+    return report

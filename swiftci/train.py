@@ -79,6 +79,7 @@ class Job:
     last_checkpoint: Path | None
     notifier: Notifier
     started: float = field(default_factory=time.monotonic)
+    fingerprint: str = ""  # what decides the outputs (config sections, data rows), as the run starts
 
     @property
     def checkpoints(self) -> Path:
@@ -88,9 +89,18 @@ class Job:
 def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) -> dict:
     check_runnable(cfg)
     out = cfg.stage_dir(STAGE)
+    finished = stages.reusable(cfg, STAGE)
+    if finished is not None and resume:
+        print(f"--resume: {finished['run_id']} already finished with this config and data; nothing to resume, its "
+              f"report and outputs in {out} are left as they are", flush=True)
+        return finished
+    if finished is not None:
+        print(f"note: {out} holds the finished run {finished['run_id']} of this same config and data; training "
+              "again from the start (`--resume` keeps it)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     run_id, last_checkpoint = _resume_point(cfg, out / "checkpoints", resume)
-    job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg))
+    job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg),
+              fingerprint=stages.fingerprint(cfg, STAGE))
     _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
     stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, lambda: _hard_stall(job))
     try:
@@ -141,7 +151,8 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
     files = stages.record_files(job.out, list(outputs.values()))  # later stages load only these bytes
     report = reports.new_report(STAGE, "ok", run_id=job.run_id, method=tc.method, tuner=tc.tuner,
                                 base_model=cfg.model.id, metrics=metrics, outputs=outputs, files=files,
-                                files_sha256=stages.files_digest(files), loss_log="loss.jsonl", lineage="run.json")
+                                files_sha256=stages.files_digest(files), fingerprint=job.fingerprint,
+                                loss_log="loss.jsonl", lineage="run.json")
     if plot_loss(job.out, job.run_id) is not None:
         report["loss_plot"] = "loss.png"
     _write(job, report, progress.records)
