@@ -22,13 +22,14 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from swiftci import models, preflight, reports, stages
 from swiftci.config import Config, EvaluateConfig, GateConfig
 from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
+from swiftci.notify import Redactor
 
 STAGE = "evaluate"
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics (accuracy, exact match) use the exact formula
@@ -53,6 +54,7 @@ class Scores:
 
     raw: dict
     seconds: dict[str, float]
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # lm-eval's per-sample records, by task
 
 
 @dataclass
@@ -132,9 +134,58 @@ def _gated_report(cfg: Config, head: dict, evaluation: Evaluation, baseline: str
     metrics = _combine(candidate, base_metrics)
     gates = [_check_gate(g, metrics, tasks) for g in ev.gates]
     passed = all(g["passed"] for g in gates)
+    redact = Redactor(list(cfg.env_values))
+    worst = {g.metric: _lowest_scoring(evaluation.candidate.samples.get(g.task) or [], g, metrics, redact)
+             for g, result in zip(ev.gates, gates) if not result["passed"]}
     return {**head, "status": "passed" if passed else "failed", "passed": passed, "tasks": tasks,
             "model_loads": evaluation.model_loads, "metrics": metrics, "gates": gates,
+            "samples": {"folder": SAMPLES, "lowest_scoring": {k: v for k, v in worst.items() if v}},
             "wall_seconds": round(time.monotonic() - started, 2)}
+
+
+# --- what the model answered --------------------------------------------------------------------------------------
+
+SAMPLES = "samples"  # <stage folder>/samples/<candidate|baseline>/<task>.jsonl: lm-eval's per-sample records
+SHOWN_SAMPLES = 3
+
+
+def _save_samples(out: Path, label: str, samples: dict[str, list[dict]]) -> None:
+    folder = out / SAMPLES / label
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, rows in samples.items():
+        text = "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows)
+        reports.write_text(folder / f"{task}.jsonl", text)
+
+
+def _lowest_scoring(samples: list[dict], gate: GateConfig, metrics: dict, redact: Any) -> list[dict]:
+    """The first few samples with the worst value of the gate's metric (under its filter): what the prompt was,
+    what was expected and what the model answered, redacted like notifications and cut to a readable length."""
+    metric, _, filter_name = gate.metric_name.partition(",")
+    higher = ((metrics.get(gate.task) or {}).get(gate.metric_name) or {}).get("higher_is_better", True)
+    rows = [r for r in samples if isinstance(r.get(metric), (int, float)) and r.get("filter", "none") == (filter_name or "none")]
+    rows.sort(key=lambda r: r[metric] if higher else -r[metric])  # stable: ties stay in document order
+    return [{"doc_id": r.get("doc_id"), "score": r[metric], **{k: _short(redact(v)) for k, v in _view(r).items()}}
+            for r in rows[:SHOWN_SAMPLES]]
+
+
+def _view(sample: dict) -> dict[str, str]:
+    """prompt, expected and got of one lm-eval sample: a generation's text, or a multiple-choice pick."""
+    args = sample.get("arguments") or []
+    prompt = args[0][0] if args and isinstance(args[0], (list, tuple)) and args[0] else ""
+    resps, target = sample.get("filtered_resps") or [], sample.get("target")
+    choices = [a[1] for a in args if isinstance(a, (list, tuple)) and len(a) > 1 and isinstance(a[1], str)]
+    scored = [r[0] if isinstance(r, (list, tuple)) else r for r in resps]
+    if choices and len(choices) == len(scored) and all(isinstance(x, (int, float)) for x in scored):
+        got = choices[max(range(len(scored)), key=lambda i: scored[i])]
+        expected = choices[target] if isinstance(target, int) and 0 <= target < len(choices) else target
+    else:
+        got = resps[0] if resps else ""
+        expected = target
+    return {"prompt": str(prompt), "expected": str(expected), "got": str(got)}
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 # --- what to evaluate -------------------------------------------------------------------------------------------
@@ -286,21 +337,24 @@ def _score(ev: EvaluateConfig, built: dict, manager: Any, task_dir: Path, out: P
     chat = ev.apply_chat_template if chat is None else chat
     merged: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    samples: dict[str, list[dict]] = {}
     for task in ev.tasks:
         t0 = time.monotonic()
         with contextlib.chdir(task_dir), _naming_task(task, label):  # local YAMLs' paths are relative to it
             result = simple_evaluate(
                 model=lm, tasks=built[task], task_manager=manager, limit=ev.limit, num_fewshot=ev.num_fewshot,
                 batch_size=ev.batch_size, apply_chat_template=chat,
-                fewshot_as_multiturn=chat and bool(ev.num_fewshot), log_samples=False,
+                fewshot_as_multiturn=chat and bool(ev.num_fewshot), log_samples=True,
                 bootstrap_iters=BOOTSTRAP_ITERS)
         seconds[task] = round(time.monotonic() - t0, 2)
+        samples.update(result.get("samples") or {})
         for key in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
             merged.setdefault(key, {}).update(result.get(key) or {})
         for key in ("config", "lm_eval_version", "transformers_version", "date"):
             merged.setdefault(key, result.get(key))
     _save_lm_eval(out / "lm_eval" / f"{label}.json", merged)
-    return Scores(merged, seconds)
+    _save_samples(out, label, samples)
+    return Scores(merged, seconds, samples)
 
 
 def _build_task(manager: Any, task: str) -> list:
@@ -520,7 +574,20 @@ def render_markdown(report: dict) -> str:
             part += f", {t.get('samples')} samples"
             timing.append(part)
         lines += ["", "Time per task: " + "; ".join(timing) + "."]
+    for metric, rows in ((report.get("samples") or {}).get("lowest_scoring") or {}).items():
+        lines += ["", f"<details><summary>What the model answered: the lowest-scoring samples of <code>{_text(metric)}"
+                      f"</code> (all in <code>{SAMPLES}/</code>)</summary>", "",
+                  "| doc | prompt | expected | got | score |", "|---:|---|---|---|---:|"]
+        lines += [f"| {r.get('doc_id')} | {_text(r['prompt'])} | {_text(r['expected'])} | {_text(r['got'])} | "
+                  f"{_fmt(r.get('score'))} |" for r in rows]
+        lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _text(value: Any) -> str:
+    """Model and data text as an inert table cell: no Markdown table breaks, no HTML, newlines shown as ⏎."""
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+    return text.replace("\r\n", "⏎").replace("\n", "⏎").replace("`", "&#96;") or "∅"
 
 
 def _row(key: str, m: dict | None, g: dict | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,36 @@ def test_failing_gate_exits_1_and_names_it(trained, tiny_model, tmp_path):
     assert "❌ **FAIL** — 1 of 2 gates failed" in md
     assert any(line.startswith("| `tiny_reverse6/exact_match` |") and line.rstrip().endswith("❌ |")
                for line in md.splitlines())
+
+    # what the model answered: lm-eval's per-sample records kept, the lowest-scoring ones of the failed gate shown
+    records = [json.loads(line) for line in (cfg.parent / "out/evaluate/samples/candidate/tiny_reverse6.jsonl")
+               .read_text().splitlines()]
+    assert len(records) == report["tasks"]["tiny_reverse6"]["samples"]
+    shown = report["samples"]["lowest_scoring"]
+    assert list(shown) == ["tiny_reverse6/exact_match"], "only the failed gate's samples are shown"
+    by_id = {r["doc_id"]: r for r in records}
+    assert 0 < len(shown["tiny_reverse6/exact_match"]) <= 3
+    for row in shown["tiny_reverse6/exact_match"]:
+        record = by_id[row["doc_id"]]
+        assert f"reverse: {record['doc']['word']}" in row["prompt"]
+        assert (row["expected"], row["got"]) == (record["doc"]["reversed"], record["filtered_resps"][0])
+        assert row["score"] == min(r["exact_match"] for r in records)
+        assert f"| {row['doc_id']} |" in md and record["doc"]["reversed"] in md
+    assert "What the model answered" in md
+
+
+def test_samples_shown_in_reports_are_redacted(trained, tiny_model, tmp_path):
+    tasks = tmp_path / "tasks"
+    shutil.copytree(TINY / "tasks", tasks)
+    token = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
+    (tasks / "reverse6.jsonl").write_text(json.dumps({"word": token, "reversed": token[::-1]}) + "\n")
+    cfg = clone_trained(trained, tmp_path, tiny_model, evaluate={
+        "tasks": ["tiny_reverse6"], "task_dir": str(tasks), "baseline": "none",
+        "gates": [{"metric": "tiny_reverse6/exact_match", "min": 1.0}]})
+    assert evaluate(cfg).returncode == 1
+    report, md = outputs(cfg)
+    (row,) = report["samples"]["lowest_scoring"]["tiny_reverse6/exact_match"]
+    assert token not in json.dumps(report) and token not in md and "reverse: •••" in row["prompt"]
 
 
 def test_earlier_report_as_baseline(trained, tiny_model, tmp_path):
