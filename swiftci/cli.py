@@ -143,6 +143,9 @@ def main() -> None:
     Exit codes: 0 ok, 1 a quality gate failed, 2 bad usage or config, 3 a stage could not run,
     4 training diverged.
     """
+    from swiftci import quiet
+
+    quiet.progress_bars_off_unless_a_terminal()
 
 
 @main.command()

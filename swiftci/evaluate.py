@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swiftci import models, preflight, reports, stages
+from swiftci import models, preflight, quiet, reports, stages
 from swiftci.config import Config, EvaluateConfig, GateConfig
 from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
 from swiftci.notify import Redactor
@@ -300,6 +300,7 @@ def _load_model(cfg: Config, candidate: Candidate):
 
 def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> Evaluation:
     """Run every task on the candidate, and on the baseline when it is a model."""
+    quiet.import_libraries(out, (*quiet.NOISY, "lm_eval", "lm_eval.models.huggingface"))
     _quiet()
     from lm_eval.models.huggingface import HFLM
 
@@ -340,7 +341,8 @@ def _score(ev: EvaluateConfig, built: dict, manager: Any, task_dir: Path, out: P
     samples: dict[str, list[dict]] = {}
     for task in ev.tasks:
         t0 = time.monotonic()
-        with contextlib.chdir(task_dir), _naming_task(task, label):  # local YAMLs' paths are relative to it
+        # local YAMLs' paths are relative to task_dir; lm-eval's own bars and warnings go to libraries.log
+        with contextlib.chdir(task_dir), _naming_task(task, label), quiet.captured(out / quiet.LIBRARIES_LOG):
             result = simple_evaluate(
                 model=lm, tasks=built[task], task_manager=manager, limit=ev.limit, num_fewshot=ev.num_fewshot,
                 batch_size=ev.batch_size, apply_chat_template=chat,

@@ -112,12 +112,13 @@ def _reusable_head(cfg: Config, names: list[str], reuse: bool, resume: bool) -> 
 
 
 def _group(stage: str | None, say: Callable[[str], None]) -> None:
-    """One collapsible group per stage in a GitHub Actions log; elsewhere a plain header."""
+    """One collapsible group per stage in a GitHub Actions log (on the same stream as the stage's lines, so the
+    markers stay in order with them); elsewhere a plain header."""
     in_actions = os.environ.get("GITHUB_ACTIONS") == "true"
     if stage is None:
         if in_actions:
-            print("::endgroup::", flush=True)
+            say("::endgroup::")
         return
     if in_actions:
-        print(f"::group::swiftci {stage}", flush=True)
+        say(f"::group::swiftci {stage}")
     say(f"==> {stage}")

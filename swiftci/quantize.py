@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, reports, stages
+from swiftci import models, quiet, reports, stages
 from swiftci.config import Config, group_size_problem
 from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
 
@@ -203,37 +203,12 @@ def perplexity(model_dir: Path, examples: list[dict], batch_size: int = 4) -> fl
 @contextlib.contextmanager
 def _quantizer_output(log: Path, append: bool = False) -> Iterator[None]:
     """gptqmodel draws a progress bar per module and layer and logs every kernel choice: hundreds of lines for one
-    model, unreadable in a CI log. Its output (Python and native, both file descriptors) goes to `log`; when it
-    fails, the log's last lines are shown with the error. A GateFailed is no crash: the report says why."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "ab" if append else "wb") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        except GateFailed:
-            _restore(saved)
-            raise
-        except BaseException:
-            _restore(saved)
-            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-            print("\n".join(["quantizer output (last lines; all in " + log.name + "):", *tail]), file=sys.stderr)
-            raise
-        else:
-            _restore(saved)
+    model, unreadable in a CI log. Its output goes to `log`; when it fails, the log's last lines are shown with the
+    error. A GateFailed is no crash: the report says why."""
+    with quiet.captured(log, append=append, expected=(GateFailed,), label="quantizer output"):
+        yield
     if not append:
         print(f"quantizer output: {log}", file=sys.stderr)
-
-
-def _restore(saved: tuple[int, int]) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(saved[0], 1)
-    os.dup2(saved[1], 2)
-    for fd in saved:
-        os.close(fd)
 
 
 def _quantize(cfg: Config, source: Path, target: Path, calibration: list[str]) -> float:

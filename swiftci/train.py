@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, reports, runinfo, stages
+from swiftci import models, quiet, reports, runinfo, stages
 from swiftci.config import Config
 from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
@@ -130,6 +130,7 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
 
 def _train(job: Job, stall: StallWatchdog) -> dict:
     """Data → model → trainer → train → save → lineage → report."""
+    quiet.import_libraries(job.out)  # first: any transformers import can pull in the loud ones
     from transformers import set_seed
 
     cfg, tc = job.cfg, job.cfg.train
@@ -584,12 +585,19 @@ class Progress:
         with open(self.job.out / "loss.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         gn = rec["grad_norm"]
-        print(f"step {state.global_step}/{state.max_steps}  loss {rec['loss']:.4f}  "
-              f"lr {rec['learning_rate']:.2e}  grad_norm {gn if gn is None else f'{gn:.3f}'}",
-              file=sys.stderr, flush=True)
+        print(f"step {state.global_step}/{state.max_steps}  epoch {rec['epoch']:.2f}  loss {rec['loss']:.4f}  "
+              f"lr {rec['learning_rate']:.2e}  grad_norm {gn if gn is None else f'{gn:.3f}'}  "
+              f"elapsed {_duration(rec['elapsed_s'])}  eta {self._eta(state)}", file=sys.stderr, flush=True)
         self._check_health(rec)
         if self.start_sent and time.monotonic() - self.last_progress >= self.every:
             self._progress(state, rec)
+
+    def _eta(self, state) -> str:
+        """Time left at the pace of the steps since the first one (which includes warm-up and compilation)."""
+        done = state.global_step - self.first_step
+        if self.first_step_at is None or done <= 0:
+            return "—"
+        return _duration((time.monotonic() - self.first_step_at) / done * (state.max_steps - state.global_step))
 
     def _check_health(self, rec: dict) -> None:
         watchdog = self.job.cfg.train.watchdog
