@@ -680,7 +680,12 @@ class Config(Section):
             problems = []
             for i, gate in enumerate(ev.gates):
                 where = f"evaluate.gates[{i}].metric"
-                if gate.task not in ev.tasks:
+                close = closest(gate.task, ev.tasks) if gate.task not in ev.tasks else None
+                if close and gate.task in local and close not in local:  # the task list holds the typo
+                    problems.append(f"evaluate.tasks[{ev.tasks.index(close)}]: '{close}' is no task in "
+                                    f"{ev.task_dir}/, but {where} names '{gate.task}', which is — did you mean "
+                                    f"'{gate.task}'?")
+                elif gate.task not in ev.tasks:
                     problems.append(f"{where}: task '{gate.task}' is not in evaluate.tasks "
                                     f"({', '.join(ev.tasks)}){_suggest(gate.task, ev.tasks)}")
                 elif local.get(gate.task) and gate.metric_name.split(",")[0] not in local[gate.task]:

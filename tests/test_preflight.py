@@ -74,3 +74,12 @@ def test_an_unquoted_comma_in_a_flow_mapping_gets_a_hint(tiny_model, tmp_path):
                               "evaluate.gates=[{metric: tiny_reverse/exact_match,strict-match, min: 0.1}]")
     assert proc.returncode == 2
     assert "unknown key 'strict-match'" in proc.stderr and "quote the value" in proc.stderr, proc.stderr
+
+
+def test_a_typo_in_the_task_list_is_named_there_not_in_the_gate(tiny_model, tmp_path):
+    cfg = config(tmp_path, tiny_model, evaluate={
+        "tasks": ["tiny_revers"], "gates": [{"metric": "tiny_reverse/exact_match", "min": 0.1}]})
+    proc = swiftci_in_process("validate", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert "evaluate.tasks[0]: 'tiny_revers' is no task in" in proc.stderr, proc.stderr
+    assert "did you mean 'tiny_reverse'?" in proc.stderr and "did you mean 'tiny_revers'" not in proc.stderr
