@@ -171,6 +171,16 @@ def heldout_examples(cfg: Config, tokenizer: Any) -> list[dict]:
     return examples
 
 
+def _measured_on(cfg: Config, rows: int) -> str:
+    """What heldout_examples scores, in words, for the report."""
+    if cfg.data is None:
+        return f"every token of {rows} calibration texts"
+    if cfg.data.validation:
+        return (f"the assistant tokens of the first {rows} rows of {Path(cfg.data.validation).name} "
+                "(exp of the validation loss)")
+    return f"the assistant tokens of the last {rows} rows of {Path(cfg.data.train).name}"
+
+
 def perplexity(model_dir: Path, examples: list[dict], batch_size: int = 4) -> float:
     """exp(mean negative log-likelihood of the labelled tokens) of `examples` ({input_ids, labels}, -100 where a
     token is not scored) under the model in `model_dir`, quantized or not."""
@@ -288,6 +298,7 @@ def _quantize_and_measure(cfg: Config, base: dict, source: Path, source_label: s
         "perplexity_after": round(ppl_after, 4),
         "perplexity_increase_pct": round(increase, 3),
         "perplexity_rows": len(heldout),
+        "perplexity_measured_on": _measured_on(cfg, len(heldout)),
         "calibration_rows": len(calibration),
         "quantize_seconds": round(quantize_seconds, 2),
     }
@@ -367,7 +378,8 @@ def render_markdown(report: dict) -> str:
              "| | before | after | change |", "|---|---:|---:|---:|",
              f"| size on disk | {_size(m.get('size_before_bytes'))} | {_size(m.get('size_after_bytes'))} | "
              f"×{m.get('size_ratio')} |",
-             f"| perplexity (held-out, {m.get('perplexity_rows')} rows) | {m.get('perplexity_before')} | "
+             f"| perplexity ({m.get('perplexity_measured_on') or str(m.get('perplexity_rows')) + ' rows'}) | "
+             f"{m.get('perplexity_before')} | "
              f"{m.get('perplexity_after')} | {m.get('perplexity_increase_pct'):+.2f}% |"
              if m.get("perplexity_increase_pct") is not None else "| perplexity | — | — | — |",
              "", "| gate | rule | value | |", "|---|---|---:|:-:|"]

@@ -83,6 +83,7 @@ def test_gptq_from_an_adapter(trained, tiny_model, tmp_path):
     assert (after, before) == pytest.approx((m["perplexity_after"], m["perplexity_before"]), rel=1e-4)
     md = (out / "quantize_report.md").read_text()
     assert "GPTQ 4-bit" in md and "| size on disk |" in md and "✅ **PASS**" in md
+    assert f"| perplexity (the assistant tokens of the first {m['perplexity_rows']} rows of validation.jsonl" in md
     assert_quiet(proc, out)
     assert report["quantizer_log"] == "quantizer.log"
     assert list((out / "logs").glob("gptq_log_*")) and not (ROOT / "logs").exists(), \
