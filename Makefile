@@ -18,7 +18,7 @@ UV     := $(VENV)/bin/uv
 PIP_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 TORCH_SOURCE   ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
-.PHONY: setup system-deps demo test test-fast test-latest lock tiny-model bench clean
+.PHONY: setup system-deps demo test test-fast test-latest lock tiny-model bench gpu-wheels gpu-check clean
 
 setup: $(STAMP) $(TINY)/base-model/config.json
 
@@ -81,6 +81,19 @@ test-latest: system-deps $(TINY)/base-model/config.json
 	@echo "== what moved against $(LOCK) (< locked, > newest):"; \
 	  diff $(LATEST)/locked.txt $(LATEST)/versions.txt | grep '^[<>]' || echo "nothing"
 	$(LATEST)/bin/python -m pytest -q --durations=15
+
+# The GPU truth kit (tools/gpu_check.py). `gpu-wheels` downloads here, from the lock's versions, the wheels a lent GPU
+# machine lacks (it has torch, transformers, peft, accelerate, click, pyyaml, requests, matplotlib; not pydantic)
+# for its Python 3.12 on x86-64, into tools/gpu-wheels/ (~3 MB, git-ignored: carry it with the device call).
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection typing-extensions
+gpu-wheels: $(STAMP)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 -d tools/gpu-wheels \
+	  $(foreach p,$(GPU_WHEELS),$(shell grep -E '^$(p)==' $(LOCK) | sed 's/ .*//'))
+
+# On the GPU machine (its own Python, no venv): measures and writes gpu_check.{json,md} to $$OUT.
+gpu-check:
+	python3 tools/gpu_check.py
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

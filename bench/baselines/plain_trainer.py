@@ -1,7 +1,10 @@
 """Baseline for bench/train_throughput.py: the plain transformers Trainer (+ peft for LoRA) script a user would
 write by hand, on the same model, data and hyperparameters as swiftci. Prints one JSON line with its throughput.
 
-    python bench/baselines/plain_trainer.py MODEL_DIR DATA.jsonl TUNER BATCH MAX_LENGTH MAX_STEPS LR
+    python bench/baselines/plain_trainer.py MODEL_DIR DATA.jsonl TUNER BATCH MAX_LENGTH MAX_STEPS LR [PRECISION]
+
+PRECISION is fp32 (default) or bf16: mixed precision as a user sets it up, the frozen base of a LoRA in bf16 and
+full fine-tuning on fp32 master weights (what swiftci does too). MAX_STEPS 0 trains one epoch.
 """
 
 import json
@@ -13,9 +16,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSe
                           set_seed)
 
 model_dir, data_path, tuner, batch, max_length, max_steps, lr = sys.argv[1:8]
+bf16 = (sys.argv[8] if len(sys.argv) > 8 else "fp32") == "bf16"
 set_seed(42)
 tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 and tuner == "lora" else torch.float32)
 if tuner == "lora":
     from peft import LoraConfig, get_peft_model
 
@@ -33,7 +37,8 @@ for msgs in rows:
     examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
 
 with tempfile.TemporaryDirectory() as out:
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(max_steps),
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(max_steps) or -1,
+                             num_train_epochs=1, bf16=bf16,
                              learning_rate=float(lr), lr_scheduler_type="cosine", warmup_steps=0.03, seed=42,
                              logging_steps=25, save_strategy="no", report_to="none", disable_tqdm=True,
                              include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False)
@@ -41,5 +46,6 @@ with tempfile.TemporaryDirectory() as out:
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True))
     result = trainer.train()
     seconds = result.metrics["train_runtime"]
-    print(json.dumps({"tokens": trainer.state.num_input_tokens_seen, "seconds": seconds,
-                      "tokens_per_second": trainer.state.num_input_tokens_seen / seconds}))
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    print(json.dumps({"tokens": trainer.state.num_input_tokens_seen, "seconds": seconds, "steps": trainer.state.global_step,
+                      "tokens_per_second": trainer.state.num_input_tokens_seen / seconds, "peak_memory_mb": peak}))
