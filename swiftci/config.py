@@ -144,6 +144,24 @@ class QLoraConfig(Section):
     )
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> float:
+    """`6h`, `90m`, `45s`, `1.5d` in seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; write a number and a unit: `45s`, `90m`, `6h` or `1d`")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _duration_text(text: str) -> str:
+    if duration_seconds(text) <= 0:
+        raise ValueError("must be longer than 0")
+    return text.strip()
+
+
 class WatchdogConfig(Section):
     max_grad_norm: float | None = Field(
         default=None, gt=0,
@@ -153,6 +171,14 @@ class WatchdogConfig(Section):
     stall_minutes: float = Field(
         default=30, gt=0, description="Fail (exit 3) when no optimizer step finishes for this long, e.g. a hung "
         "data loader or collective."
+    )
+    idle_minutes: float = Field(
+        default=30, gt=0, description="On a GPU: utilization at or below `idle_utilization_pct` (read from NVML) "
+        "for this long is a stall — a warning at half of it, then the run stops like one (exit 3). An idle GPU is "
+        "paid for all the same.",
+    )
+    idle_utilization_pct: float = Field(
+        default=5, ge=0, lt=100, description="What counts as idle for `idle_minutes`, in percent of GPU utilization."
     )
 
 
@@ -194,6 +220,11 @@ class TrainConfig(Section):
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
     logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
     merge: bool = Field(default=False, description="Also write the adapter merged into the base model (`model/`).")
+    max_runtime: Annotated[str, AfterValidator(_duration_text)] | None = Field(
+        default=None, description="Longest a training may run, e.g. `6h`, `90m` or `45s`: on reaching it a "
+        "checkpoint is saved and training stops with exit 3 and the command that resumes it. Workflows written by "
+        "`swiftci init` take their job timeout from it. Unset: no limit.",
+    )
     watchdog: WatchdogConfig = Field(
         default_factory=WatchdogConfig,
         description="Training health: a NaN/inf loss or gradient norm always stops training within one logging "
@@ -201,9 +232,15 @@ class TrainConfig(Section):
     )
 
 
+# Settings that guard or log a training but do not decide its weights: changing them neither blocks --resume nor
+# makes a finished run stale.
+NOT_DECIDING = {"train": {"max_runtime", "watchdog", "logging_steps", "save_steps", "save_total_limit"}}
+
+
 # --- evaluate --------------------------------------------------------------------------------------------------
 
 _PERCENT = re.compile(r"^\s*(\d+(\.\d+)?)\s*%\s*$")
+
 
 
 class GateConfig(Section):
@@ -473,6 +510,14 @@ class DiscordConfig(Section):
     webhook: str = Field(description="Discord webhook URL, e.g. `${DISCORD_WEBHOOK_URL}`.")
 
 
+class BudgetConfig(Section):
+    gpu_hours: float | None = Field(
+        default=None, gt=0, description="Warn (start notification, with a mention, and the log) when a training's "
+        "estimated GPU-hours — its estimated duration × GPUs, measured after the first steps — exceed this, e.g. "
+        "40. Unset: no warning.",
+    )
+
+
 class NotifyConfig(Section):
     slack: SlackConfig | None = Field(default=None, description="Slack: an incoming webhook or a bot token.")
     discord: DiscordConfig | None = Field(default=None, description="Discord: a webhook.")
@@ -482,6 +527,7 @@ class NotifyConfig(Section):
         "(Discord). Unset: the config's `owner`.",
     )
     progress_every: float = Field(default=30, gt=0, description="Minutes between progress messages during training.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Cost warnings.")
     events: list[Literal["start", "progress", "finish", "failure"]] = Field(
         default_factory=lambda: ["start", "progress", "finish", "failure"], description="Which events are sent."
     )

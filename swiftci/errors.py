@@ -74,6 +74,9 @@ HINTS = {
                    "`train.gradient_checkpointing: true`, lower `train.max_length`, or use `train.tuner: qlora`",
     "Stalled": "no optimizer step for `train.watchdog.stall_minutes`: check the data loader, the file system and "
                "multi-GPU communication; raise `stall_minutes` if steps are legitimately that slow",
+    "Idle": "the GPU sat idle for `train.watchdog.idle_minutes`: look for a data loader or file system that cannot "
+            "feed it (more `dataloader` workers, local copies of the data); raise `idle_minutes` if that is expected",
+    "MaxRuntime": "continue from the saved checkpoint with `swiftci train --resume`, or raise `train.max_runtime`",
     "GateFailed": "the model got worse than the gates allow: read the eval report, compare data and "
                   "hyperparameters with the last passing run",
     "ConfigError": "fix swiftci.yaml as the messages say (`swiftci validate` shows every problem)",

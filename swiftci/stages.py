@@ -246,8 +246,10 @@ _DECIDED_BY = {"train": ("model", "data", "train"), "evaluate": ("model", "evalu
 
 def fingerprint(cfg: Config, name: str) -> str:
     """The sha256 of what decides stage `name`'s outputs, as this config and these files stand now."""
-    sections = {k: getattr(cfg, k).model_dump(mode="json") if getattr(cfg, k) is not None else None
-                for k in _DECIDED_BY[name]}
+    from swiftci.config import NOT_DECIDING
+
+    sections = {k: getattr(cfg, k).model_dump(mode="json", exclude=NOT_DECIDING.get(k))
+                if getattr(cfg, k) is not None else None for k in _DECIDED_BY[name]}
     files: dict[str, str] = {}
     if cfg.data is not None and "data" in _DECIDED_BY[name]:
         for path in (cfg.data.train, cfg.data.validation):

@@ -35,7 +35,7 @@ from typing import Any
 
 from swiftci import data as datalib
 from swiftci import models, quiet, reports, runinfo, stages
-from swiftci.config import Config
+from swiftci.config import NOT_DECIDING, Config, duration_seconds
 from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
 
@@ -102,8 +102,10 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
     job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg),
               fingerprint=stages.fingerprint(cfg, STAGE))
     _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
-    stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, lambda: _hard_stall(job))
+    stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, lambda: _hard_stall(job, stall))
+    idle = IdleWatch(cfg, stall, job.notifier)
     try:
+        idle.start()
         return _train(job, stall)
     except Diverged as e:
         suspects = _quarantine(job.checkpoints, e.last_good_step)
@@ -117,7 +119,7 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
         if not stall.stalled:
             _fail(job, StageError("interrupted", kind="Interrupted"))
             raise
-        raise _fail(job, StageError(_stall_reason(cfg), kind="Stalled")) from None
+        raise _fail(job, StageError(stall.reason, kind=stall.kind)) from None
     except MemoryError:
         raise _fail(job, StageError(f"training ran out of host memory; {OOM_TIPS}", kind="OutOfMemory")) from None
     except Exception as e:  # recorded in the report, then raised as a stage failure
@@ -125,6 +127,7 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
             raise _fail(job, StageError(f"training ran out of GPU memory; {OOM_TIPS}", kind="OutOfMemory")) from None
         raise _fail(job, StageError(f"training failed: {type(e).__name__}: {e}")) from e
     finally:
+        idle.stop()
         stall.stop()
 
 
@@ -145,9 +148,14 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
                   "total_parameters": sum(p.numel() for p in model.parameters())}  # before a merge changes them
     trainer, progress = _make_trainer(job, model, tokenizer, data, precision, stall)
     fit = _fit(trainer, job.last_checkpoint)
+    if progress.out_of_time_at is not None:
+        raise StageError(f"train.max_runtime ({tc.max_runtime}) reached at step {progress.out_of_time_at} of "
+                         f"{trainer.state.max_steps}; checkpoint-{progress.out_of_time_at} is saved — continue with "
+                         f"`swiftci train -c {cfg.source} --resume`", kind="MaxRuntime")
     validation_loss = trainer.evaluate(eval_dataset=data.validation)["eval_loss"] if data.validation else None
     outputs = _save(cfg, job.out, trainer, tokenizer, dtype)
-    metrics = {**_metrics(job, trainer, fit, progress.records, validation_loss), **parameters}
+    metrics = {**_metrics(job, trainer, fit, progress.records, validation_loss), **parameters,
+               "gpu_hours_estimated": progress.gpu_hours_estimate}
     reports.write_json(job.out / "run.json", _lineage(job, base_record, data.record, precision, outputs))
     files = stages.record_files(job.out, list(outputs.values()))  # later stages load only these bytes
     report = reports.new_report(STAGE, "ok", run_id=job.run_id, method=tc.method, tuner=tc.tuner,
@@ -174,15 +182,11 @@ def _fail(job: Job, e: SwiftCIError, **extra: Any) -> SwiftCIError:
     return e
 
 
-def _hard_stall(job: Job) -> None:
+def _hard_stall(job: Job, stall: StallWatchdog) -> None:
     """The main thread did not respond to the stall watchdog's interrupt: report and notify before it exits."""
-    error = _fail(job, StageError(_stall_reason(job.cfg), kind="Stalled"))
+    error = _fail(job, StageError(stall.reason, kind=stall.kind))
     job.notifier.failure(failure_message(job.cfg, STAGE, job.run_id, stages.error_of(error)))
     job.notifier.close()
-
-
-def _stall_reason(cfg: Config) -> str:
-    return f"no optimizer step finished for {cfg.train.watchdog.stall_minutes:g} minutes (train.watchdog.stall_minutes)"
 
 
 def _quarantine(ckpt_dir: Path, last_good_step: int) -> list[str]:
@@ -211,6 +215,8 @@ class StallWatchdog:
         self.on_hard_stall = on_hard_stall
         self.last = time.monotonic()
         self.stalled = False
+        self.reason = f"no optimizer step finished for {limit / 60:g} minutes (train.watchdog.stall_minutes)"
+        self.kind = "Stalled"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -229,12 +235,74 @@ class StallWatchdog:
         tick = max(0.05, min(5.0, self.limit / 10))
         while not self._stop.wait(tick):
             if time.monotonic() - self.last > self.limit:
-                self.stalled = True
-                _thread.interrupt_main()
-                if not self._stop.wait(max(10.0, min(60.0, self.limit))):
-                    self.on_hard_stall()
-                    os._exit(EXIT_STAGE_FAILED)
+                self.trip()
                 return
+
+    def trip(self, reason: str | None = None, kind: str | None = None) -> None:
+        """Stop the run now: interrupt the main thread; if it does not respond, report and exit with code 3."""
+        if self.stalled:
+            return
+        self.reason, self.kind, self.stalled = reason or self.reason, kind or self.kind, True
+        _thread.interrupt_main()
+        if not self._stop.wait(max(10.0, min(60.0, self.limit))):
+            self.on_hard_stall()
+            os._exit(EXIT_STAGE_FAILED)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_utilization() -> float | None:
+    """This process's GPU utilization in percent, read from NVML; None without a CUDA GPU or NVML."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return float(torch.cuda.utilization(torch.cuda.current_device()))
+    except Exception:  # noqa: BLE001 - no NVML (nvidia-ml-py) here: the idle guard is off
+        return None
+
+
+class IdleWatch:
+    """On a GPU: utilization at or below train.watchdog.idle_utilization_pct for idle_minutes stops the run like a
+    stall (exit 3); at half of it, one warning (log and notification). Off without a GPU or NVML."""
+
+    def __init__(self, cfg: Config, stall: StallWatchdog, notifier: Notifier):
+        wd = cfg.train.watchdog
+        self.cfg, self.stall, self.notifier = cfg, stall, notifier
+        self.limit, self.pct = wd.idle_minutes * 60, wd.idle_utilization_pct
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if _gpu_utilization() is not None:
+            threading.Thread(target=self._watch, name="swiftci-idle-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        idle_since, warned = None, False
+        while not self._stop.wait(max(0.05, min(30.0, self.limit / 10))):
+            used = _gpu_utilization()
+            if used is None or used > self.pct:
+                idle_since, warned = None, False
+                continue
+            idle_since = idle_since or time.monotonic()
+            idle = time.monotonic() - idle_since
+            minutes = f"{self.limit / 60:g} minutes (train.watchdog.idle_minutes)"
+            if idle >= self.limit:
+                self.stall.trip(f"the GPU was idle (utilization ≤ {self.pct:g}%) for {minutes}", "Idle")
+                return
+            if idle >= self.limit / 2 and not warned:
+                warned = True
+                text = f"the GPU has been idle (utilization ≤ {self.pct:g}%) for {idle / 60:.1f} minutes; the run " \
+                       f"stops at {minutes}"
+                print(f"warning: {text}", file=sys.stderr, flush=True)
+                self.notifier.progress(Message("progress", f"{self.cfg.name}: GPU idle", text=text, mention=True))
 
 
 # --- resuming ----------------------------------------------------------------------------------------------------
@@ -242,7 +310,7 @@ class StallWatchdog:
 
 def _train_fingerprint(cfg: Config) -> str:
     """Hash of what decides the trained weights: model, data, train sections (not notifications or later stages)."""
-    parts = {k: getattr(cfg, k).model_dump(mode="json") for k in ("model", "data", "train")}
+    parts = {k: getattr(cfg, k).model_dump(mode="json", exclude=NOT_DECIDING.get(k)) for k in ("model", "data", "train")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -490,6 +558,7 @@ def _metrics(job: Job, trainer: Any, fit: Fit, records: list[dict], validation_l
         "tokens": state.num_input_tokens_seen,
         "tokens_per_second": round(fit.tokens / fit.seconds, 1) if fit.seconds > 0 else None,
         "train_seconds": round(fit.seconds, 2),
+        "gpu_hours": round((time.monotonic() - job.started) * _gpu_count() / 3600, 3),
         "wall_seconds": round(time.monotonic() - job.started, 2),
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": memory_kind,
@@ -553,6 +622,10 @@ class Progress:
         self.start_sent = False
         self.last_tokens = 0
         self.last_good_step = history[-1]["step"] if history else 0
+        runtime = job.cfg.train.max_runtime
+        self.max_runtime = duration_seconds(runtime) if runtime else None
+        self.out_of_time_at: int | None = None  # the step at which train.max_runtime stopped the run
+        self.gpu_hours_estimate: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = self.last_progress = time.monotonic()
@@ -566,11 +639,27 @@ class Progress:
             self.first_step_at, self.first_step = now, state.global_step
         elif not self.start_sent and (state.global_step - self.first_step >= 2 or state.global_step >= state.max_steps):
             per_step = (now - self.first_step_at) / max(1, state.global_step - self.first_step)
-            eta = per_step * (state.max_steps - state.global_step) + (now - self.t0)
-            cfg = self.job.cfg
-            self.job.notifier.start(Message("start", f"{cfg.name}: training started", fields=run_fields(
-                cfg, self.job.run_id) + [("steps", str(state.max_steps)), ("estimated duration", _duration(eta))]))
-            self.start_sent = True
+            self._started(per_step * (state.max_steps - state.global_step) + (now - self.t0), state.max_steps)
+        if self.max_runtime is not None and now - self.job.started >= self.max_runtime and self.out_of_time_at is None:
+            self.out_of_time_at = state.global_step  # save a checkpoint at this step, then stop
+            control.should_save = control.should_training_stop = True
+
+    def _started(self, eta: float, steps: int) -> None:
+        """The start notification: steps, estimated duration and GPU-hours (duration × GPUs), and a warning with a
+        mention when the estimate is over notify.budget.gpu_hours."""
+        cfg, gpus = self.job.cfg, _gpu_count()
+        self.gpu_hours_estimate = round(eta / 3600 * gpus, 3)
+        fields = run_fields(cfg, self.job.run_id) + [
+            ("steps", str(steps)), ("estimated duration", _duration(eta)),
+            ("estimated GPU-hours", f"{self.gpu_hours_estimate:.2f} ({gpus} GPU)" if gpus else "0 (no GPU)")]
+        budget = cfg.notify.budget.gpu_hours if cfg.notify is not None else None
+        over = budget is not None and self.gpu_hours_estimate > budget
+        if over:
+            warning = f"estimated {self.gpu_hours_estimate:.2f} GPU-hours, over notify.budget.gpu_hours ({budget:g})"
+            fields.append(("over budget", warning))
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        self.job.notifier.start(Message("start", f"{cfg.name}: training started", fields=fields, mention=over))
+        self.start_sent = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stall.stop()
@@ -642,7 +731,9 @@ def render_markdown(report: dict, records: list[dict]) -> str:
                  + (f" (validation {num(m.get('validation_loss'))})" if m.get("validation_loss") is not None else "")),
         ("steps", f"{m.get('steps')} ({num(m.get('epochs'))} epochs)"),
         ("throughput", f"{num(m.get('tokens_per_second'), ',.0f')} tokens/s · {m.get('tokens'):,} tokens"),
-        ("time", f"{num(m.get('wall_seconds'), '.1f')} s"),
+        ("time", f"{num(m.get('wall_seconds'), '.1f')} s"
+                 + (f" · {m['gpu_hours']:.2f} GPU-hours (estimated {m.get('gpu_hours_estimated') or 0:.2f})"
+                    if m.get("gpu_hours") else "")),
         ("peak memory", f"{num(m.get('peak_memory_mb'), ',.0f')} MB ({m.get('peak_memory_kind')})"),
         ("outputs", ", ".join(f"`{v}/`" for v in (report.get("outputs") or {}).values())),
     ]

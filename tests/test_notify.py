@@ -105,7 +105,7 @@ def test_run_events_with_a_slack_bot_and_discord(tiny_model, tmp_path, httpserve
     assert "training started" in start["text"]
     fields = json.dumps(start["blocks"], ensure_ascii=False)
     for expected in ("*run*", "tiny-reverse-sft-", "*dataset*", "train.jsonl", "*method*", "sft · lora",
-                     "*estimated duration*"):
+                     "*estimated duration*", "*estimated GPU-hours*", "0 (no GPU)"):
         assert expected in fields, expected
     progress = [c["body"] for c in updates if "step " in c["body"]["text"] and "/60" in c["body"]["text"]]
     assert progress, "progress updates the run's message"
