@@ -25,17 +25,19 @@ setup: $(STAMP) $(TINY)/base-model/config.json
 # uv installs the lock in ~30 s (pip takes ~4 min here). uv itself is bootstrapped with pip from its own hashed
 # entry in the lock; `uv pip sync --require-hashes` then makes .venv exactly the lock. swiftci itself is the only
 # unlocked install, built with the locked setuptools (no build isolation, so nothing unpinned is fetched for it).
-$(STAMP): $(LOCK) pyproject.toml
+$(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	awk '/^uv==/{p=1} p{print; if ($$0 !~ /\\$$/) exit}' $(LOCK) > $(VENV)/uv.lock.txt
 	$(PIP) install -q --require-hashes --no-deps -r $(VENV)/uv.lock.txt
+
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
 	$(UV) pip sync -q --python $(PY) --require-hashes $(TORCH_SOURCE) $(LOCK)
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	$(UV) pip check -q --python $(PY)
 	touch $(STAMP)
 
 # Refresh the lock from pyproject.toml's ranges (torch held at the CPU build by constraints.txt), then reinstall.
-lock: $(STAMP)
+lock: | $(UV)
 	$(UV) pip compile pyproject.toml --extra $(subst $(comma), --extra ,$(EXTRAS)) --generate-hashes \
 	  --python-version 3.11 -c constraints.txt $(TORCH_SOURCE) --no-header --quiet -o $(LOCK)
 	rm -f $(STAMP)

@@ -173,6 +173,49 @@ def schema(fmt: str) -> None:
 
 
 @main.command()
+@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True,
+              help="The model repository to write into.")
+@click.option("--name", help="Run name, e.g. support-bot.")
+@click.option("--model", help="Base model: a hub id or a local folder.")
+@click.option("--method", type=click.Choice(["sft"]), help="Training method.")
+@click.option("--tuner", type=click.Choice(["auto", "lora", "qlora", "full"]), help="auto: what fits the GPU.")
+@click.option("--data", help="Training rows (JSONL), relative to --dir.")
+@click.option("--gpu-memory", "gpu_memory", type=float, help="GiB per GPU of the runners (default: detected).")
+@click.option("--runs-on", help="GPU runner labels, comma-separated (default: self-hosted,gpu).")
+@click.option("--pr-runs-on", help="Pull-request runner labels, comma-separated (default: self-hosted,gpu-pr).")
+@click.option("--tasks", help="lm-eval tasks, comma-separated (none: no evaluate section).")
+@click.option("--gate", help="A gate, `task/metric>=number`, e.g. hellaswag/acc>=0.5.")
+@click.option("--quantize/--no-quantize", default=None, help="Add a 4-bit GPTQ quantize section.")
+@click.option("--deploy/--no-deploy", default=None, help="Add a Kubernetes deploy section.")
+@click.option("--image", help="Image repository for deploy, e.g. ghcr.io/acme/support-bot.")
+@click.option("--max-runtime", "max_runtime", help="Longest a training may run, e.g. 6h.")
+@click.option("--yes", is_flag=True, help="Ask nothing: the flags and the defaults (also when not in a terminal).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@_errors_to_exit_codes
+def init(root: Path, yes: bool, force: bool, **given) -> None:
+    """Write a first swiftci.yaml and the push and pull-request workflows, from a few questions or the flags."""
+    import dataclasses
+
+    from swiftci import init as starter
+
+    answers = starter.Answers()
+    for key, value in given.items():
+        if value is None:
+            continue
+        field = {"gpu_memory": "gpu_memory_gib"}.get(key, key)
+        if key in ("runs_on", "pr_runs_on", "tasks"):
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        answers = dataclasses.replace(answers, **{field: value})
+    interactive = not yes and sys.stdin.isatty() and sys.stdout.isatty()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        starter.run(answers, root, interactive=interactive, force=force, say=click.echo)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: nothing was written", err=True)
+        raise SystemExit(130) from None
+
+
+@main.command()
 @_config_options
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint (start over if there is none).")
 @_errors_to_exit_codes

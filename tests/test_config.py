@@ -267,6 +267,11 @@ def test_core_install_without_torch(tmp_path, cfg_file):
     assert ok.returncode == 0, ok.stderr
     schema = subprocess.run([str(venv / "bin/swiftci"), "schema"], capture_output=True, text=True)
     assert schema.returncode == 0 and json.loads(schema.stdout)["title"] == "swiftci.yaml"
+    init = subprocess.run([str(venv / "bin/swiftci"), "init", "--dir", str(tmp_path / "repo"), "--yes"],
+                          capture_output=True, text=True)
+    assert init.returncode == 0, init.stderr  # the workflows it writes travel inside the package
+    assert (tmp_path / "repo/.github/workflows/swiftci.yml").read_text() == \
+        (ROOT / "workflows/push-to-deploy.yml").read_text()
 
 
 def test_schema_as_a_table_names_every_key_with_the_models_default():
