@@ -78,3 +78,5 @@ def test_the_start_notification_estimates_gpu_hours_and_warns_over_budget(tiny_m
     assert fields["estimated GPU-hours"] == f"{estimate:.2f} (8 GPU)"
     assert "over notify.budget.gpu_hours" in fields["over budget"] and "@alice" in start.get("content", "")
     assert "warning: estimated" in proc.stderr
+    md = (tmp_path / "out/train/train_report.md").read_text()  # what the job summary and the PR comment show
+    assert f"GPU-hours (estimated {estimate:.2f})" in md
