@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftci import ghactions, reports, runinfo, stages
+from swiftci import ghactions, preference, reports, runinfo, stages
 from swiftci.config import Config
 from swiftci.errors import StageError, UsageError
 from swiftci.notify import Redactor
@@ -93,7 +93,9 @@ def _detail(stage: str, report: dict | None) -> str:
         first, last = m.get("train_loss_first"), m.get("train_loss_last")
         loss = f"loss {first:.4g} → {last:.4g}" if first is not None and last is not None else ""
         tps = f"{m['tokens_per_second']:,.0f} tok/s" if m.get("tokens_per_second") else ""
-        return " · ".join(p for p in (loss, f"{m.get('steps')} steps", tps, f"run `{report.get('run_id')}`") if p)
+        rewards = preference.summary(m) or ""
+        return " · ".join(p for p in (loss, rewards, f"{m.get('steps')} steps", tps, f"run `{report.get('run_id')}`")
+                          if p)
     if stage == "evaluate":
         gates = report.get("gates") or []
         if report.get("status") == "error":

@@ -115,10 +115,12 @@ class DataConfig(Section):
         description="Held-out rows, JSONL, e.g. `data/validation.jsonl`. Unset: no validation loss; "
         "quantize then measures perplexity on the last rows of `train`.",
     )
-    format: Literal["auto", "messages", "alpaca"] = Field(
+    format: Literal["auto", "messages", "alpaca", "preference"] = Field(
         default="auto",
         description="Row format: `messages` (chat: {messages: [{role, content}]}) or `alpaca` "
-        "({instruction, input, output}); `auto` detects it from the first row.",
+        "({instruction, input, output}) for sft; `preference` (trl's own shapes: {prompt, chosen, rejected}, "
+        "strings or lists of messages, or KTO's {prompt, completion, label}) for dpo, kto, orpo and simpo; `auto` "
+        "detects it from the first row.",
     )
 
 
@@ -182,8 +184,54 @@ class WatchdogConfig(Section):
     )
 
 
+class ReferenceMixin(Section):
+    reference: str = Field(
+        default="base", description="The reference model the policy is kept close to: `base` (with LoRA the same "
+        "weights with the adapter disabled — never a second copy in memory) or a model folder.",
+    )
+
+
+class DpoConfig(ReferenceMixin):
+    beta: float = Field(default=0.1, gt=0, description="How far from the reference the policy may move; higher "
+                        "keeps it closer (trl's default 0.1).")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft"] = Field(
+        default="sigmoid", description="trl's DPO loss: `sigmoid` (the DPO paper's), `ipo`, `hinge`, `robust`, ….")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Assumed share of flipped preference "
+                                   "labels (robust/cDPO losses), e.g. 0.1.")
+    precompute_ref_log_probs: bool = Field(default=False, description="Score the reference once before training "
+                                           "(saves a forward pass per step, costs a pass over the data).")
+
+
+class KtoConfig(ReferenceMixin):
+    beta: float = Field(default=0.1, gt=0, description="Distance to the reference, as in DPO (trl's default 0.1).")
+    desirable_weight: float = Field(default=1.0, gt=0, description="Weight of desirable (label true) examples.")
+    undesirable_weight: float = Field(default=1.0, gt=0, description="Weight of undesirable (label false) examples.")
+
+
+class OrpoConfig(Section):
+    beta: float = Field(default=0.1, gt=0, description="Weight of the odds-ratio term against the SFT loss (the "
+                        "ORPO paper's λ; trl's default 0.1). No reference model.")
+
+
+class SimpoConfig(Section):
+    beta: float = Field(default=2.0, gt=0, description="Reward scale (the SimPO paper uses 2.0–2.5). No reference "
+                        "model.")
+    gamma: float = Field(default=0.5, ge=0, description="Target reward margin, as a ratio of beta (trl's "
+                         "simpo_gamma, default 0.5).")
+    cpo_alpha: float = Field(default=0.0, ge=0, description="Weight of an added SFT loss on the chosen answer "
+                             "(0: pure SimPO).")
+
+
 class TrainConfig(Section):
-    method: Literal["sft"] = Field(default="sft", description="Training method: `sft` (supervised fine-tuning).")
+    method: Literal["sft", "dpo", "kto", "orpo", "simpo"] = Field(
+        default="sft", description="`sft` (supervised fine-tuning on messages/alpaca rows) or preference tuning on "
+        "preference rows through trl's own trainers: `dpo`, `kto`, `orpo`, `simpo`.")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO settings (method dpo).")
+    kto: KtoConfig = Field(default_factory=KtoConfig, description="KTO settings (method kto; batch_size ≥ 2).")
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig, description="ORPO settings (method orpo).")
+    simpo: SimpoConfig = Field(default_factory=SimpoConfig, description="SimPO settings (method simpo: trl's CPO "
+                               "trainer with loss_type simpo).")
     tuner: Literal["lora", "qlora", "full"] = Field(
         default="lora",
         description="`lora` (adapters on frozen weights), `qlora` (LoRA on a 4-bit base; needs a CUDA GPU), "
@@ -715,10 +763,23 @@ class Config(Section):
     _env_values: list[str] = PrivateAttr(default_factory=list)
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
+    def _method_fits_data(self) -> None:
+        method, fmt = self.train.method, self.data.format
+        if method == "sft" and fmt == "preference":
+            raise ValueError("train.method: preference rows need a preference method (`dpo`, `kto`, `orpo` or "
+                             "`simpo`), or give sft `messages`/alpaca rows")
+        if method != "sft" and fmt in ("messages", "alpaca"):
+            raise ValueError(f"data.format: {method} trains on preference rows ({{prompt, chosen, rejected}} or "
+                             f"{{prompt, completion, label}}), not {fmt}; set `format: preference` (or `auto`)")
+        if method == "kto" and self.train.batch_size < 2:
+            raise ValueError("train.batch_size: kto compares the examples of a batch, so it needs at least 2")
+
     @model_validator(mode="after")
     def _sections_fit(self, info: ValidationInfo) -> Config:
         if self.train is not None and self.data is None:
             raise ValueError("data: a `train` section needs a `data` section with at least `train:`")
+        if self.train is not None:
+            self._method_fits_data()
         base = (info.context or {}).get("base_dir")
         ev = self.evaluate
         if ev is not None:

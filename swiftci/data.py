@@ -4,6 +4,8 @@ chat template so that the loss falls only on assistant tokens.
 Row formats (`data.format`):
 - messages:   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 - alpaca:     {"instruction": "...", "input": "...", "output": "...", "system"?: "..."}
+- preference: trl's shapes, which preference.py trains on; as conversations (quantize's calibration and perplexity
+              rows), the prompt and the preferred answer
 """
 
 from __future__ import annotations
@@ -57,9 +59,8 @@ def detect_format(rows: list[dict], declared: str, source: str) -> str:
     first = rows[0]
     if "messages" in first:
         return "messages"
-    if {"prompt", "chosen", "rejected"} <= first.keys():
-        raise UsageError(f"{source}: preference rows (prompt/chosen/rejected) need preference tuning, which swiftci "
-                         "does not offer yet; give supervised rows (`messages` or alpaca)")
+    if {"prompt", "chosen", "rejected"} <= first.keys() or {"prompt", "completion", "label"} <= first.keys():
+        return "preference"
     if {"instruction", "output"} <= first.keys():
         return "alpaca"
     raise UsageError(
@@ -92,6 +93,16 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
             prompt += "\n\n" + str(row["input"])
         msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
         return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    if fmt == "preference":  # the preferred answer as a conversation: what quantize calibrates and scores on
+        answer = row.get("chosen") if "chosen" in row else row.get("completion")
+        if "chosen" not in row and row.get("label") is not True:
+            answer = None
+        prompt = row.get("prompt")
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt or "")}]
+        reply = answer if isinstance(answer, list) else [{"role": "assistant", "content": str(answer or "")}]
+        if answer is None:
+            raise UsageError(f"{where}: an undesirable (label false) example has no preferred answer")
+        return to_messages({"messages": [*msgs, *reply]}, "messages", where)
     raise UsageError(f"{where}: unknown data format {fmt!r}")
 
 
@@ -99,6 +110,8 @@ def load_conversations(path: Path, declared_format: str) -> tuple[list[list[dict
     """Every row as chat messages, and the format; raises UsageError listing every bad row (up to 20)."""
     rows = read_jsonl(path)
     fmt = detect_format(rows, declared_format, path.name)
+    if fmt == "preference":  # undesirable examples are no conversation to learn or calibrate on
+        rows = [r for r in rows if r.get("label") is not False]
     conversations, problems = [], []
     for i, r in enumerate(rows):
         try:

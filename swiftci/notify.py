@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swiftci import reports, runinfo, stages
+from swiftci import preference, reports, runinfo, stages
 from swiftci.config import Config, NotifyConfig
 
 CLOSE_BUDGET_SECONDS = 3.0
@@ -400,6 +400,8 @@ def finish_message(cfg: Config, done: dict[str, dict]) -> Message:
     if m:
         fields += [("loss", f"{m.get('train_loss_first', 0):.4g} → {m.get('train_loss_last', 0):.4g}"),
                    ("steps", str(m.get("steps"))), ("time", f"{m.get('wall_seconds', 0):.0f} s")]
+        if preference.summary(m):
+            fields.append(("rewards", preference.summary(m)))
     ev = done.get("evaluate")
     if ev:
         gates = ev.get("gates") or []

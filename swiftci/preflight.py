@@ -3,7 +3,9 @@ fail later. `swiftci validate`, `swiftci run` and every stage command call `chec
 every problem is listed (with its field path and the fix) and the command exits 2.
 
 What is checked, without loading a model or a dataset:
-- train:    every row of the data files parses in the configured format (all bad rows listed, the field named);
+- train:    every row of the data files parses in the configured format (all bad rows listed, the field named;
+            for preference methods: a missing `chosen`, `chosen` equal to `rejected`, an empty prompt, a label
+            that is not a boolean);
 - evaluate: every task resolves (built-in, or a YAML under `task_dir`), the data files its YAML names exist, and
             every gate names a metric, and a filter, that its task produces.
 The typed config (config.py) has already checked every setting on its own; quantize and deploy read nothing more.
@@ -35,7 +37,7 @@ def check(cfg: Config, names: list[str] | tuple[str, ...]) -> None:
 
 
 def data_problems(cfg: Config) -> list[str]:
-    from swiftci import data
+    from swiftci import data, preference
 
     problems = []
     for field in ("train", "validation"):
@@ -43,7 +45,10 @@ def data_problems(cfg: Config) -> list[str]:
         if path is None:
             continue
         try:
-            data.load_conversations(cfg.resolve(path), cfg.data.format)
+            if cfg.train.method == "sft":
+                data.load_conversations(cfg.resolve(path), cfg.data.format)
+            else:
+                preference.load_rows(cfg.resolve(path), cfg.train.method)
         except UsageError as e:
             problems.append(f"{cfg.source}: data.{field}: {e}")
     return problems

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, quiet, reports, runinfo, stages
+from swiftci import models, preference, quiet, reports, runinfo, stages
 from swiftci.config import NOT_DECIDING, Config, duration_seconds
 from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
@@ -152,10 +152,16 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
         raise StageError(f"train.max_runtime ({tc.max_runtime}) reached at step {progress.out_of_time_at} of "
                          f"{trainer.state.max_steps}; checkpoint-{progress.out_of_time_at} is saved — continue with "
                          f"`swiftci train -c {cfg.source} --resume`", kind="MaxRuntime")
-    validation_loss = trainer.evaluate(eval_dataset=data.validation)["eval_loss"] if data.validation else None
+    validation = _validate(trainer, data) if data.validation else {}
+    validation_loss = validation.get("eval_loss")
     outputs = _save(cfg, job.out, trainer, tokenizer, dtype)
     metrics = {**_metrics(job, trainer, fit, progress.records, validation_loss), **parameters,
                "gpu_hours_estimated": progress.gpu_hours_estimate}
+    if tc.method != "sft":  # trl's rewards at the last logging step, and on the held-out pairs
+        last = progress.records[-1] if progress.records else {}
+        metrics["preference"] = {k: v for k, v in last.items() if k.startswith(preference.LOGGED_KEYS)}
+        metrics["validation_preference"] = preference.logged(
+            {k.removeprefix("eval_"): v for k, v in validation.items()})
     reports.write_json(job.out / "run.json", _lineage(job, base_record, data.record, precision, outputs))
     files = stages.record_files(job.out, list(outputs.values()))  # later stages load only these bytes
     report = reports.new_report(STAGE, "ok", run_id=job.run_id, method=tc.method, tuner=tc.tuner,
@@ -357,6 +363,8 @@ class TrainData:
 
 def _load_data(cfg: Config, tokenizer: Any) -> TrainData:
     tc = cfg.train
+    if tc.method != "sft":  # preference rows go to trl as they are; its trainers tokenize them
+        return TrainData(*preference.load(cfg))
     train_path = cfg.resolve(cfg.data.train)
     conversations, fmt = datalib.load_conversations(train_path, cfg.data.format)
     train_set, dropped = datalib.tokenize_sft(conversations, tokenizer, tc.max_length, train_path.name)
@@ -400,6 +408,13 @@ def _load_model(cfg: Config, dtype: Any) -> tuple[Any, dict]:
     return model, record
 
 
+def _validate(trainer: Any, data: TrainData) -> dict:
+    """The held-out loss (and, for preference methods, trl's rewards on the held-out pairs)."""
+    if trainer.eval_dataset is not None:  # trl's trainers tokenized it when they were built
+        return trainer.evaluate()
+    return trainer.evaluate(eval_dataset=data.validation)
+
+
 def _add_adapters(cfg: Config, model: Any) -> Any:
     """LoRA adapters on the frozen base (lora, qlora); the model itself for full fine-tuning."""
     tc = cfg.train
@@ -418,12 +433,12 @@ def _add_adapters(cfg: Config, model: Any) -> Any:
 # --- the trainer -------------------------------------------------------------------------------------------------
 
 
-def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
+def _settings(cfg: Config, ckpt_dir: Path, precision: str) -> dict:
+    """What every trainer of the stage shares (transformers' Trainer for sft, trl's for preference methods)."""
     import torch
-    from transformers import TrainingArguments
 
     tc = cfg.train
-    return TrainingArguments(
+    return dict(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=tc.batch_size,
         per_device_eval_batch_size=tc.batch_size,
@@ -439,8 +454,6 @@ def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
         data_seed=tc.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=tc.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
         logging_steps=tc.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -451,8 +464,17 @@ def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
     )
+
+
+def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
+    from transformers import TrainingArguments
+
+    tc = cfg.train
+    return TrainingArguments(
+        **_settings(cfg, ckpt_dir, precision), remove_unused_columns=False,
+        activation_checkpointing=tc.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None)
 
 
 class LengthGroupedSampler:
@@ -494,6 +516,11 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
     callback_class = type("SwiftProgress", (Progress, TrainerCallback), {})
     trainer_class = type("SwiftTrainer", (_GroupedByLength, Trainer), {})
     progress = callback_class(job, _loss_history(job.out / "loss.jsonl", job.last_checkpoint), stall)
+    if tc.method != "sft":
+        trainer = preference.make_trainer(job.cfg, model, tokenizer, data.train, data.validation,
+                                          _settings(job.cfg, job.checkpoints, precision), [progress])
+        trainer.remove_callback(PrinterCallback)
+        return trainer, progress
     trainer = trainer_class(model=model, args=_training_arguments(job.cfg, job.checkpoints, precision),
                             train_dataset=data.train, data_collator=datalib.PadCollator(tokenizer.pad_token_id),
                             processing_class=tokenizer, callbacks=[progress])
@@ -556,7 +583,8 @@ def _metrics(job: Job, trainer: Any, fit: Fit, records: list[dict], validation_l
         "steps": state.global_step,
         "epochs": round(state.epoch or 0, 4),
         "tokens": state.num_input_tokens_seen,
-        "tokens_per_second": round(fit.tokens / fit.seconds, 1) if fit.seconds > 0 else None,
+        # None when the trainer counts no tokens (trl's ORPO and CPO batches have no `input_ids` to count)
+        "tokens_per_second": round(fit.tokens / fit.seconds, 1) if fit.seconds > 0 and fit.tokens > 0 else None,
         "train_seconds": round(fit.seconds, 2),
         "gpu_hours": round((time.monotonic() - job.started) * _gpu_count() / 3600, 3),
         "wall_seconds": round(time.monotonic() - job.started, 2),
@@ -669,14 +697,17 @@ class Progress:
             return
         rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "loss": logs["loss"],
                "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-               "tokens": state.num_input_tokens_seen, "elapsed_s": round(time.monotonic() - self.t0, 2)}
+               "tokens": state.num_input_tokens_seen, "elapsed_s": round(time.monotonic() - self.t0, 2),
+               **preference.logged(logs)}
         self.records.append(rec)
         with open(self.job.out / "loss.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         gn = rec["grad_norm"]
         print(f"step {state.global_step}/{state.max_steps}  epoch {rec['epoch']:.2f}  loss {rec['loss']:.4f}  "
               f"lr {rec['learning_rate']:.2e}  grad_norm {gn if gn is None else f'{gn:.3f}'}  "
-              f"elapsed {_duration(rec['elapsed_s'])}  eta {self._eta(state)}", file=sys.stderr, flush=True)
+              f"elapsed {_duration(rec['elapsed_s'])}  eta {self._eta(state)}"
+              + (f"  reward_acc {rec['rewards_accuracies']:.2f}  margin {rec.get('rewards_margins', math.nan):.3f}"
+                 if "rewards_accuracies" in rec else ""), file=sys.stderr, flush=True)
         self._check_health(rec)
         if self.start_sent and time.monotonic() - self.last_progress >= self.every:
             self._progress(state, rec)
@@ -690,7 +721,8 @@ class Progress:
 
     def _check_health(self, rec: dict) -> None:
         watchdog = self.job.cfg.train.watchdog
-        bad = [f"{k} is {rec[k]}" for k in ("loss", "grad_norm") if rec[k] is not None and not math.isfinite(rec[k])]
+        watched = ("loss", "grad_norm", *[k for k in rec if k.startswith("rewards_")])  # a NaN reward is a NaN loss
+        bad = [f"{k} is {rec[k]}" for k in watched if rec[k] is not None and not math.isfinite(rec[k])]
         if not bad and watchdog.max_grad_norm is not None and (rec["grad_norm"] or 0) > watchdog.max_grad_norm:
             bad.append(f"grad_norm {rec['grad_norm']:.4g} exceeds train.watchdog.max_grad_norm "
                        f"({watchdog.max_grad_norm:g})")
@@ -730,7 +762,8 @@ def render_markdown(report: dict, records: list[dict]) -> str:
         ("loss", f"{num(m.get('train_loss_first'))} → {num(m.get('train_loss_last'))}"
                  + (f" (validation {num(m.get('validation_loss'))})" if m.get("validation_loss") is not None else "")),
         ("steps", f"{m.get('steps')} ({num(m.get('epochs'))} epochs)"),
-        ("throughput", f"{num(m.get('tokens_per_second'), ',.0f')} tokens/s · {m.get('tokens'):,} tokens"),
+        *([("preference", preference.summary(m))] if preference.summary(m) else []),
+        ("throughput", f"{num(m.get('tokens_per_second'), ',.0f')} tokens/s · {m.get('tokens') or 0:,} tokens"),
         ("time", f"{num(m.get('wall_seconds'), '.1f')} s"
                  + (f" · {m['gpu_hours']:.2f} GPU-hours (estimated {m.get('gpu_hours_estimated') or 0:.2f})"
                     if m.get("gpu_hours") else "")),

@@ -108,7 +108,7 @@ BAD = [
      ["model.revision: only hub ids have revisions"]),
     ("bad-data-format",
      GOOD.replace("train: {train}", "train: {train}\n  format: chatml"),
-     ["swiftci.yaml:6: data.format: must be one of 'auto', 'messages', 'alpaca' (got 'chatml')"]),
+     ["swiftci.yaml:6: data.format: must be one of 'auto', 'messages', 'alpaca', 'preference' (got 'chatml')"]),
     ("dropout-out-of-range",
      GOOD.replace("rank: 8", "rank: 8\n    dropout: 1.5"),
      ["swiftci.yaml:10: train.lora.dropout: must be less than 1 (got 1.5)"]),
