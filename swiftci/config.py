@@ -186,17 +186,23 @@ class WatchdogConfig(Section):
 
 class ReferenceMixin(Section):
     reference: str = Field(
-        default="base", description="The reference model the policy is kept close to: `base` (with LoRA the same "
-        "weights with the adapter disabled — never a second copy in memory) or a model folder.",
+        default="base", description="The reference model the policy is kept close to: `base` — the model the step "
+        "starts from (in a `train.then` step, the SFT step's model); with LoRA the same weights with the adapter "
+        "disabled, never a second copy in memory — `original` (in a `then` step: the base model of `model.id`) or "
+        "a model folder.",
     )
+
+
+DpoLoss = Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft"]
 
 
 class DpoConfig(ReferenceMixin):
     beta: float = Field(default=0.1, gt=0, description="How far from the reference the policy may move; higher "
                         "keeps it closer (trl's default 0.1).")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft"] = Field(
-        default="sigmoid", description="trl's DPO loss: `sigmoid` (the DPO paper's), `ipo`, `hinge`, `robust`, ….")
+    loss_type: DpoLoss | list[DpoLoss] = Field(
+        default="sigmoid", description="trl's DPO loss: `sigmoid` (the DPO paper's), `ipo`, `hinge`, `robust`, …, or "
+        "a list whose losses are added, e.g. `[sigmoid, sft]` (DPO plus the SFT loss on the chosen answer, as RPO).")
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Assumed share of flipped preference "
                                    "labels (robust/cDPO losses), e.g. 0.1.")
     precompute_ref_log_probs: bool = Field(default=False, description="Score the reference once before training "
@@ -278,6 +284,38 @@ class TrainConfig(Section):
         description="Training health: a NaN/inf loss or gradient norm always stops training within one logging "
         "step (exit 4), keeping the last good checkpoint.",
     )
+    then: ThenConfig | None = Field(
+        default=None, description="A preference step trained on top of this (sft) step's model in the same run, "
+        "e.g. `{method: dpo, data: {train: data/pairs.jsonl}}`; later stages take its model. Unset: one step.",
+    )
+
+    @model_validator(mode="after")
+    def _chain(self) -> TrainConfig:
+        if self.then is not None and self.method != "sft":
+            raise ValueError("then: a preference step follows an `sft` step; set train.method: sft")
+        return self
+
+
+class ThenConfig(Section):
+    """The second step of a chained training: every key of `train` that is set here replaces the first step's."""
+
+    method: Literal["dpo", "kto", "orpo", "simpo"] = Field(description="The preference method of this step.")
+    data: DataConfig = Field(description="This step's preference rows, e.g. `{train: data/pairs.jsonl}`.")
+    learning_rate: float | None = Field(default=None, gt=0, description="Unset: the sft step's.")
+    epochs: float | None = Field(default=None, gt=0, description="Unset: the sft step's.")
+    max_steps: int | None = Field(default=None, gt=0, description="Unset: the sft step's.")
+    batch_size: int | None = Field(default=None, gt=0, description="Unset: the sft step's.")
+    gradient_accumulation: int | None = Field(default=None, gt=0, description="Unset: the sft step's.")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO settings.")
+    kto: KtoConfig = Field(default_factory=KtoConfig, description="KTO settings.")
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig, description="ORPO settings.")
+    simpo: SimpoConfig = Field(default_factory=SimpoConfig, description="SimPO settings.")
+
+    def step(self, first: TrainConfig) -> TrainConfig:
+        """The TrainConfig of this step: the first step's, with what is set here (and merge on: later stages take
+        the merged model, since this step's adapter sits on the sft model, not on the base)."""
+        given = {k: getattr(self, k) for k in self.model_fields_set if k != "data" and getattr(self, k) is not None}
+        return first.model_copy(update={**given, "method": self.method, "then": None, "merge": True})
 
 
 # Settings that guard or log a training but do not decide its weights: changing them neither blocks --resume nor
@@ -773,6 +811,11 @@ class Config(Section):
                              f"{{prompt, completion, label}}), not {fmt}; set `format: preference` (or `auto`)")
         if method == "kto" and self.train.batch_size < 2:
             raise ValueError("train.batch_size: kto compares the examples of a batch, so it needs at least 2")
+        then = self.train.then
+        if then is not None and then.data.format in ("messages", "alpaca"):
+            raise ValueError(f"train.then.data.format: {then.method} trains on preference rows, not {then.data.format}")
+        if then is not None and then.method == "kto" and (then.batch_size or self.train.batch_size) < 2:
+            raise ValueError("train.then.batch_size: kto compares the examples of a batch, so it needs at least 2")
 
     @model_validator(mode="after")
     def _sections_fit(self, info: ValidationInfo) -> Config:

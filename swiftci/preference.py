@@ -111,7 +111,7 @@ def make_trainer(cfg: Config, model: Any, tokenizer: Any, rows: list[dict], vali
         from trl import DPOConfig, DPOTrainer
 
         d = tc.dpo
-        return DPOTrainer(args=DPOConfig(**args, beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing,
+        return DPOTrainer(args=DPOConfig(**args, beta=d.beta, loss_type=d.loss_type if isinstance(d.loss_type, list) else [d.loss_type], label_smoothing=d.label_smoothing,
                                          precompute_ref_log_probs=d.precompute_ref_log_probs),
                           ref_model=_reference(cfg, d.reference, dtype), **common)
     if tc.method == "kto":
@@ -134,16 +134,19 @@ def make_trainer(cfg: Config, model: Any, tokenizer: Any, rows: list[dict], vali
 
 def _reference(cfg: Config, reference: str, dtype: Any) -> Any:
     """None for `base`: with LoRA trl scores the reference on the same weights with the adapter disabled (one
-    copy in memory); with full fine-tuning it keeps a frozen copy of the starting weights. Else the folder's model."""
+    copy in memory); with full fine-tuning it keeps a frozen copy of the starting weights. Else that model: a
+    folder, or a hub id (a chained step's `original`)."""
     if reference == "base":
         return None
     from swiftci import models
 
     path = cfg.resolve(reference)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"train.{cfg.train.method}.reference: {path} holds no model (config.json); give a model "
-                         "folder or `base`")
-    return models.load_causal_lm(str(path), None, path, dtype=dtype)
+    if (path / "config.json").is_file():
+        return models.load_causal_lm(str(path), None, path, dtype=dtype)
+    if reference == "original" or "/" not in reference:
+        raise UsageError(f"train.{cfg.train.method}.reference: {reference!r} is neither a model folder nor a hub "
+                         "id; give `base`, a folder, or (in a train.then step) `original`")
+    return models.load_causal_lm(reference, None, None, dtype=dtype)
 
 
 def logged(logs: dict) -> dict:

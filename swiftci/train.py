@@ -80,6 +80,7 @@ class Job:
     notifier: Notifier
     started: float = field(default_factory=time.monotonic)
     fingerprint: str = ""  # what decides the outputs (config sections, data rows), as the run starts
+    parent: dict | None = None  # the step whose model this one starts from (a chained training's sft step)
 
     @property
     def checkpoints(self) -> Path:
@@ -88,8 +89,70 @@ class Job:
 
 def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) -> dict:
     check_runnable(cfg)
-    out = cfg.stage_dir(STAGE)
-    finished = stages.reusable(cfg, STAGE)
+    if cfg.train.then is not None:
+        return _run_chain(cfg, resume, notifier)
+    return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)
+
+
+def _run_chain(cfg: Config, resume: bool, notifier: Notifier | None) -> dict:
+    """sft, then the preference step on the sft model, each in its own folder (`sft/`, `<method>/`) with its own
+    report and run.json (the second names its parent); the stage's report is the second's, its outputs and file
+    record named from the stage folder. `--resume` keeps a finished first step and resumes the interrupted one."""
+    stage, then = cfg.stage_dir(STAGE), cfg.train.then
+    first_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"then": None, "merge": True})})
+    first_dir = stage / "sft"
+    first = _finished_step(first_cfg, first_dir) if resume else None
+    if first is None:
+        print("==> train step 1 of 2: sft", file=sys.stderr, flush=True)
+        first = _run_step(first_cfg, first_dir, resume, notifier)
+    second_cfg = _then_config(cfg, first_dir / first["outputs"]["model"])
+    print(f"==> train step 2 of 2: {then.method} on the sft model", file=sys.stderr, flush=True)
+    parent = {"step": "sft", "run_id": first["run_id"], "report": "sft/" + stages.TRAIN.report,
+              "files_sha256": first["files_sha256"]}
+    second = _run_step(second_cfg, stage / then.method, resume, notifier, parent=parent)
+    model = f"{then.method}/{second['outputs']['model']}"
+    files = stages.record_files(stage, [model])
+    report = {**second, "outputs": {"model": model}, "files": files, "files_sha256": stages.files_digest(files),
+              "fingerprint": stages.fingerprint(cfg, STAGE), "loss_log": f"{then.method}/loss.jsonl",
+              "steps": [{"method": "sft", "run_id": first["run_id"], "report": parent["report"]},
+                        {"method": then.method, "run_id": second["run_id"],
+                         "report": f"{then.method}/{stages.TRAIN.report}"}]}
+    records = reports.read_jsonl(stage / then.method / "loss.jsonl")
+    reports.write_text(stage / "loss.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    reports.write_json(stage / stages.TRAIN.report, report)
+    reports.write_text(stage / stages.TRAIN.markdown, render_markdown(report, records))
+    return report
+
+
+def _then_config(cfg: Config, sft_model: Path) -> Config:
+    """The second step's config: its train settings and rows, starting from the sft step's merged model; a
+    reference `original` becomes the base model of `model.id`."""
+    then = cfg.train.then
+    train = then.step(cfg.train)
+    method = getattr(train, then.method)
+    if getattr(method, "reference", None) == "original":
+        original = str(cfg.model_local_path) if cfg.model_local_path is not None else cfg.model.id
+        train = train.model_copy(update={then.method: method.model_copy(update={"reference": original})})
+    model = cfg.model.model_copy(update={"id": str(sft_model.resolve()), "revision": None})
+    return cfg.model_copy(update={"train": train, "data": then.data, "model": model})
+
+
+def _finished_step(cfg: Config, out: Path) -> dict | None:
+    """A step's finished report when its fingerprint is this config's and its files are still its own."""
+    try:
+        report = reports.read_json(out / stages.TRAIN.report)
+    except (OSError, ValueError):
+        return None
+    if report.get("status") != "ok" or report.get("fingerprint") != stages.fingerprint(cfg, STAGE):
+        return None
+    if stages.files_digest(stages.record_files(out, list(report["outputs"].values()))) != report.get("files_sha256"):
+        return None
+    print(f"--resume: the sft step {report['run_id']} already finished; going on with the next step", flush=True)
+    return report
+
+
+def _run_step(cfg: Config, out: Path, resume: bool, notifier: Notifier | None, parent: dict | None = None) -> dict:
+    finished = stages.reusable(cfg, STAGE) if out == cfg.stage_dir(STAGE) else None
     if finished is not None and resume:
         print(f"--resume: {finished['run_id']} already finished with this config and data; nothing to resume, its "
               f"report and outputs in {out} are left as they are", flush=True)
@@ -100,7 +163,7 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     run_id, last_checkpoint = _resume_point(cfg, out / "checkpoints", resume)
     job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg),
-              fingerprint=stages.fingerprint(cfg, STAGE))
+              fingerprint=stages.fingerprint(cfg, STAGE), parent=parent)
     _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
     stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, lambda: _hard_stall(job, stall))
     idle = IdleWatch(cfg, stall, job.notifier)
@@ -615,6 +678,7 @@ def _lineage(job: Job, base_record: dict, data_record: dict, precision: str, out
                      "gpus": torch.cuda.device_count(), "torch_threads": torch.get_num_threads()},
         "packages": runinfo.package_versions(LOGGED_PACKAGES),
         "outputs": outputs,
+        **({"parent": job.parent} if job.parent else {}),
     }
 
 

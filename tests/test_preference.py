@@ -115,3 +115,36 @@ def test_a_method_and_rows_that_do_not_match_are_a_config_error(tiny_model, tmp_
                       deploy=None)  # the tiny example's rows are sft `messages`
     proc = swiftci_in_process("validate", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
     assert proc.returncode == 2 and "data.format: dpo trains on preference rows" in proc.stderr
+
+
+def test_sft_then_dpo_in_one_run_and_later_stages_take_the_final_model(tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, tmp_path / "out", quantize=None, deploy=None,
+                      train={"max_steps": 20, "logging_steps": 5, "save_steps": 1000, "batch_size": 8,
+                             "then": {"method": "dpo", "max_steps": 8, "learning_rate": 1e-3,
+                                      "data": {"train": str(write_rows(tmp_path / "pairs.jsonl", pairs(64, 1)))}}},
+                      evaluate={"tasks": ["tiny_reverse"], "limit": 5, "baseline": "none",
+                                "gates": [{"metric": "tiny_reverse/exact_match", "min": 0.0}]})
+    path = write_config(tmp_path / "swiftci.yaml", cfg)
+    proc = swiftci_in_process("run", "-c", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = tmp_path / "out/train"
+    sft = json.loads((train / "sft/train_report.json").read_text())
+    dpo = json.loads((train / "dpo/train_report.json").read_text())
+    stage = json.loads((train / "train_report.json").read_text())
+    assert (sft["method"], dpo["method"], stage["method"]) == ("sft", "dpo", "dpo")
+    assert stage["outputs"] == {"model": "dpo/model"} and [s["method"] for s in stage["steps"]] == ["sft", "dpo"]
+    lineage = json.loads((train / "dpo/run.json").read_text())
+    assert lineage["parent"]["run_id"] == sft["run_id"] and lineage["base_model"]["id"].endswith("sft/model")
+    evaluated = json.loads((tmp_path / "out/evaluate/eval_report.json").read_text())
+    assert evaluated["model"]["path"].endswith("dpo/model") and evaluated["verified"]["train"] == stage["files_sha256"]
+
+    # an interrupted second step: --resume keeps the finished sft step and trains the second again
+    before = (train / "sft/train_report.json").read_bytes()
+    import shutil
+
+    shutil.rmtree(train / "dpo")
+    proc = swiftci_in_process("train", "-c", str(path), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the sft step" in proc.stdout + proc.stderr and "already finished" in proc.stdout + proc.stderr
+    assert (train / "sft/train_report.json").read_bytes() == before
+    assert json.loads((train / "train_report.json").read_text())["status"] == "ok"
