@@ -148,3 +148,11 @@ def test_sft_then_dpo_in_one_run_and_later_stages_take_the_final_model(tiny_mode
     assert "the sft step" in proc.stdout + proc.stderr and "already finished" in proc.stdout + proc.stderr
     assert (train / "sft/train_report.json").read_bytes() == before
     assert json.loads((train / "train_report.json").read_text())["status"] == "ok"
+
+
+def test_the_dpo_example_validates_with_its_pairs():
+    from conftest import TINY
+
+    proc = swiftci_in_process("validate", "-c", str(TINY / "swiftci-dpo.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "stages: train, evaluate" in proc.stdout

@@ -1,6 +1,7 @@
 """Generate the tiny example's reversal data (deterministic): `python examples/tiny/make_data.py`.
 
-Writes data/train.jsonl (chat `messages` rows) and data/validation.jsonl (held-out words, never in train), plus
+Writes data/train.jsonl (chat `messages` rows) and data/validation.jsonl (held-out words, never in train),
+data/pairs.jsonl and data/pairs-validation.jsonl (preference pairs of the same words, for swiftci-dpo.yaml), plus
 the lm-eval task data under tasks/ (the same held-out words; 6-letter words for the strict example). The files are checked in; rerun this only to change them.
 """
 
@@ -53,6 +54,19 @@ def main() -> None:
     write_jsonl(HERE / "tasks/reverse_mc.jsonl", [mc_row(rng, w) for w in held_out])
     six = ["".join(rng.choice(string.ascii_lowercase) for _ in range(6)) for _ in range(50)]
     write_jsonl(HERE / "tasks/reverse6.jsonl", [{"word": w, "reversed": w[::-1]} for w in six])
+    # preference pairs for swiftci-dpo.yaml (after everything above, so the files above stay as they were)
+    write_jsonl(HERE / "data/pairs.jsonl", [pair(rng, w) for w in train[:600]])
+    write_jsonl(HERE / "data/pairs-validation.jsonl", [pair(rng, w) for w in held_out])
+
+
+def pair(rng: random.Random, word: str) -> dict:
+    """trl's conversational pair: chosen the reversal, rejected a near miss (the word unreversed, or the reversal
+    with two neighbouring letters swapped)."""
+    good = word[::-1]
+    near = [word] + [good[:i] + good[i + 1] + good[i] + good[i + 2:] for i in range(3)]
+    bad = rng.choice([n for n in near if n != good] or [good[::-1] + "x"])
+    return {"prompt": [{"role": "user", "content": PROMPT.format(w=word)}],
+            "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}
 
 
 if __name__ == "__main__":
