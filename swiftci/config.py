@@ -186,10 +186,10 @@ class WatchdogConfig(Section):
 
 class ReferenceMixin(Section):
     reference: str = Field(
-        default="base", description="The reference model the policy is kept close to: `base` — the model the step "
-        "starts from (in a `train.then` step, the SFT step's model); with LoRA the same weights with the adapter "
-        "disabled, never a second copy in memory — `original` (in a `then` step: the base model of `model.id`) or "
-        "a model folder.",
+        default="base", description="The reference model the policy is kept close to: `base` (the model of "
+        "`model.id`), `sft` (in a `train.then` step, its default: the SFT step's model) or a model folder. The "
+        "model a step starts from (base alone, sft in a chain) is scored with LoRA on the same weights with the "
+        "adapter disabled, never a second copy in memory; any other reference is loaded beside it.",
     )
 
 
@@ -293,6 +293,9 @@ class TrainConfig(Section):
     def _chain(self) -> TrainConfig:
         if self.then is not None and self.method != "sft":
             raise ValueError("then: a preference step follows an `sft` step; set train.method: sft")
+        if self.method in ("dpo", "kto") and getattr(self, self.method).reference == "sft":
+            raise ValueError(f"{self.method}.reference: `sft` names the SFT step of a chain (train.then); "
+                             "here use `base` or a model folder")
         return self
 
 
@@ -310,6 +313,17 @@ class ThenConfig(Section):
     kto: KtoConfig = Field(default_factory=KtoConfig, description="KTO settings.")
     orpo: OrpoConfig = Field(default_factory=OrpoConfig, description="ORPO settings.")
     simpo: SimpoConfig = Field(default_factory=SimpoConfig, description="SimPO settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sft_reference(cls, data: Any) -> Any:
+        """In a chain the reference defaults to the SFT model the step starts from."""
+        if isinstance(data, dict):
+            for method in ("dpo", "kto"):
+                section = data.get(method)
+                if section is None or (isinstance(section, dict) and "reference" not in section):
+                    data = {**data, method: {**(section or {}), "reference": "sft"}}
+        return data
 
     def step(self, first: TrainConfig) -> TrainConfig:
         """The TrainConfig of this step: the first step's, with what is set here (and merge on: later stages take

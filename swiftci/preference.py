@@ -133,9 +133,9 @@ def make_trainer(cfg: Config, model: Any, tokenizer: Any, rows: list[dict], vali
 
 
 def _reference(cfg: Config, reference: str, dtype: Any) -> Any:
-    """None for `base`: with LoRA trl scores the reference on the same weights with the adapter disabled (one
-    copy in memory); with full fine-tuning it keeps a frozen copy of the starting weights. Else that model: a
-    folder, or a hub id (a chained step's `original`)."""
+    """None for `base` (the model the step starts from): with LoRA trl scores the reference on the same weights
+    with the adapter disabled (one copy in memory); with full fine-tuning it keeps a frozen copy of the starting
+    weights. Else that model: a folder, or a hub id (a chained step's `base`)."""
     if reference == "base":
         return None
     from swiftci import models
@@ -143,9 +143,9 @@ def _reference(cfg: Config, reference: str, dtype: Any) -> Any:
     path = cfg.resolve(reference)
     if (path / "config.json").is_file():
         return models.load_causal_lm(str(path), None, path, dtype=dtype)
-    if reference == "original" or "/" not in reference:
+    if "/" not in reference:
         raise UsageError(f"train.{cfg.train.method}.reference: {reference!r} is neither a model folder nor a hub "
-                         "id; give `base`, a folder, or (in a train.then step) `original`")
+                         "id; give `base`, a folder, or (in a train.then step) `sft`")
     return models.load_causal_lm(reference, None, None, dtype=dtype)
 
 

@@ -125,14 +125,16 @@ def _run_chain(cfg: Config, resume: bool, notifier: Notifier | None) -> dict:
 
 
 def _then_config(cfg: Config, sft_model: Path) -> Config:
-    """The second step's config: its train settings and rows, starting from the sft step's merged model; a
-    reference `original` becomes the base model of `model.id`."""
+    """The second step's config: its train settings and rows, starting from the sft step's merged model. The
+    reference `sft` is then the model the step starts from (`base` to preference.py), and `base` the model of
+    `model.id`, loaded beside it."""
     then = cfg.train.then
     train = then.step(cfg.train)
     method = getattr(train, then.method)
-    if getattr(method, "reference", None) == "original":
+    if getattr(method, "reference", None) in ("sft", "base"):
         original = str(cfg.model_local_path) if cfg.model_local_path is not None else cfg.model.id
-        train = train.model_copy(update={then.method: method.model_copy(update={"reference": original})})
+        reference = "base" if method.reference == "sft" else original
+        train = train.model_copy(update={then.method: method.model_copy(update={"reference": reference})})
     model = cfg.model.model_copy(update={"id": str(sft_model.resolve()), "revision": None})
     return cfg.model_copy(update={"train": train, "data": then.data, "model": model})
 

@@ -156,3 +156,25 @@ def test_the_dpo_example_validates_with_its_pairs():
     proc = swiftci_in_process("validate", "-c", str(TINY / "swiftci-dpo.yaml"))
     assert proc.returncode == 0, proc.stderr
     assert "stages: train, evaluate" in proc.stdout
+
+
+def test_in_a_chain_the_reference_is_the_sft_model_unless_base_is_asked(tiny_model, tmp_path):
+    from swiftci import config, train
+
+    rows = write_rows(tmp_path / "pairs.jsonl", pairs(8, 1))
+    cfg = tiny_config(tiny_model, tmp_path / "out", evaluate=None, quantize=None, deploy=None,
+                      train={"then": {"method": "dpo", "data": {"train": str(rows)}}})
+    loaded = config.load(write_config(tmp_path / "swiftci.yaml", cfg))
+    assert loaded.train.then.dpo.reference == "sft"
+    step = train._then_config(loaded, tmp_path / "out/train/sft/model")
+    assert step.train.dpo.reference == "base", "the step's own starting model: the adapter disabled, one copy"
+    cfg["train"]["then"]["dpo"] = {"reference": "base"}
+    loaded = config.load(write_config(tmp_path / "swiftci.yaml", cfg))
+    step = train._then_config(loaded, tmp_path / "out/train/sft/model")
+    assert step.train.dpo.reference == str(loaded.model_local_path), "model.id, loaded beside the sft model"
+    single = tiny_config(tiny_model, tmp_path / "out", evaluate=None, quantize=None, deploy=None,
+                         data={"train": str(rows), "format": "preference"}, train={"method": "dpo",
+                                                                                    "dpo": {"reference": "sft"}})
+    single["data"].pop("validation", None)
+    proc = swiftci_in_process("validate", "-c", str(write_config(tmp_path / "single.yaml", single)))
+    assert proc.returncode == 2 and "`sft` names the SFT step of a chain" in proc.stderr
