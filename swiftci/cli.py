@@ -177,7 +177,8 @@ def schema(fmt: str) -> None:
               help="The model repository to write into.")
 @click.option("--name", help="Run name, e.g. support-bot.")
 @click.option("--model", help="Base model: a hub id or a local folder.")
-@click.option("--method", type=click.Choice(["sft"]), help="Training method.")
+@click.option("--method", type=click.Choice(["sft", "dpo", "kto", "orpo", "simpo"]),
+              help="Training method: sft on chats, or a preference method on preference pairs.")
 @click.option("--tuner", type=click.Choice(["auto", "lora", "qlora", "full"]), help="auto: what fits the GPU.")
 @click.option("--data", help="Training rows (JSONL), relative to --dir.")
 @click.option("--gpu-memory", "gpu_memory", type=float, help="GiB per GPU of the runners (default: detected).")

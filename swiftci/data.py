@@ -124,6 +124,16 @@ def load_conversations(path: Path, declared_format: str) -> tuple[list[list[dict
     return conversations, fmt
 
 
+def sft_conversations(path: Path, declared_format: str) -> tuple[list[list[dict]], str]:
+    """load_conversations for supervised fine-tuning, which preference rows are not for."""
+    conversations, fmt = load_conversations(path, declared_format)
+    if fmt == "preference":
+        raise UsageError(f"{path.name}: preference rows (prompt/chosen/rejected or prompt/completion/label) need a "
+                         "preference method: set train.method to dpo, kto, orpo or simpo, or give sft `messages` "
+                         "or alpaca rows")
+    return conversations, fmt
+
+
 def _assistant_spans(tokenizer: Any, msgs: list[dict], text: str, where: str) -> list[tuple[int, int]]:
     """Character spans of the assistant turns (content and end-of-turn marker) inside the rendered chat."""
     spans = []

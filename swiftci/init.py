@@ -25,6 +25,7 @@ from swiftci.errors import UsageError
 # GPU memory in GiB for the types offered when no GPU is visible here
 GPU_TYPES = {"H100 / H200 (80 GB+)": 80, "A100 80 GB": 80, "A100 40 GB": 40, "L40S (48 GB)": 48,
              "L4 / A10 (24 GB)": 24, "T4 (16 GB)": 16}
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
 WORKFLOWS = {"push-to-deploy.yml": ".github/workflows/swiftci.yml", "pr-eval.yml": ".github/workflows/swiftci-pr.yml"}
 
 
@@ -135,7 +136,7 @@ def config_text(a: Answers, rec: Recommendation) -> str:
         "  # revision: <40-character commit sha>    # pin it; the commit used is recorded in run.json either way",
         "data:", (f"  train: {a.data}", "JSONL: chat `messages` rows or alpaca `instruction`/`output` rows"),
         "train:", f"  method: {a.method}", (f"  tuner: {rec.tuner}", rec.why),
-        f"  batch_size: {rec.batch_size}",
+        f"  batch_size: {max(rec.batch_size, 2) if a.method == 'kto' else rec.batch_size}",
         (f"  gradient_accumulation: {rec.gradient_accumulation}", "effective batch = batch_size × this × GPUs"),
         f"  max_length: {rec.max_length}", f"  gradient_checkpointing: {str(rec.gradient_checkpointing).lower()}",
         (f"  max_runtime: {a.max_runtime}", "then a checkpoint and exit 3; `swiftci train --resume` goes on"),
@@ -214,8 +215,8 @@ def ask(a: Answers, base_dir: Path) -> Answers:
     a.name = need(q.text("Run name:", default=a.name, validate=_valid_name).ask())
     a.model = need(q.text("Base model (hub id or local folder):", default=a.model,
                           validate=lambda s: bool(s.strip()) or "give a hub id like Qwen/Qwen2.5-0.5B-Instruct").ask())
-    a.method = need(q.select("Method:", choices=["sft"], default=a.method,
-                             instruction="(preference tuning comes later)").ask())
+    a.method = need(q.select("Method:", choices=list(METHODS), default=a.method,
+                             instruction="(sft on chats; the others on preference pairs)").ask())
     a.data = need(q.text("Training data (JSONL):", default=a.data).ask())
     print(describe_data(base_dir / a.data))
     _ask_hardware(q, need, a)

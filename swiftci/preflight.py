@@ -46,7 +46,7 @@ def data_problems(cfg: Config) -> list[str]:
             continue
         try:
             if cfg.train.method == "sft":
-                data.load_conversations(cfg.resolve(path), cfg.data.format)
+                data.sft_conversations(cfg.resolve(path), cfg.data.format)
             else:
                 preference.load_rows(cfg.resolve(path), cfg.train.method)
         except UsageError as e:

@@ -431,7 +431,7 @@ def _load_data(cfg: Config, tokenizer: Any) -> TrainData:
     if tc.method != "sft":  # preference rows go to trl as they are; its trainers tokenize them
         return TrainData(*preference.load(cfg))
     train_path = cfg.resolve(cfg.data.train)
-    conversations, fmt = datalib.load_conversations(train_path, cfg.data.format)
+    conversations, fmt = datalib.sft_conversations(train_path, cfg.data.format)
     train_set, dropped = datalib.tokenize_sft(conversations, tokenizer, tc.max_length, train_path.name)
     if not train_set:
         raise UsageError(f"{train_path.name}: every row was truncated before its first assistant token; "
@@ -442,7 +442,7 @@ def _load_data(cfg: Config, tokenizer: Any) -> TrainData:
     validation = None
     if cfg.data.validation is not None:
         val_path = cfg.resolve(cfg.data.validation)
-        val_convs, val_fmt = datalib.load_conversations(val_path, cfg.data.format)
+        val_convs, val_fmt = datalib.sft_conversations(val_path, cfg.data.format)
         validation, _ = datalib.tokenize_sft(val_convs, tokenizer, tc.max_length, val_path.name)
         record["validation"] = {"file": str(cfg.data.validation), "sha256": datalib.sha256_file(val_path),
                                 "format": val_fmt, "rows": len(val_convs), "rows_used": len(validation)}

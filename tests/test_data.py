@@ -47,8 +47,8 @@ def test_truncation_keeps_max_length_and_drops_rows_without_targets(tok):
 def test_format_detection():
     assert data.detect_format([{"messages": []}], "auto", "f") == "messages"
     assert data.detect_format([{"instruction": "a", "output": "b"}], "auto", "f") == "alpaca"
-    with pytest.raises(UsageError, match="preference rows .* need preference tuning"):
-        data.detect_format([{"prompt": "a", "chosen": "b", "rejected": "c"}], "auto", "f")
+    assert data.detect_format([{"prompt": "a", "chosen": "b", "rejected": "c"}], "auto", "f") == "preference"
+    assert data.detect_format([{"prompt": "a", "completion": "b", "label": True}], "auto", "f") == "preference"
     with pytest.raises(UsageError, match="cannot tell the row format"):
         data.detect_format([{"text": "a"}], "auto", "f")
 
@@ -68,3 +68,13 @@ def test_pad_collator():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_preference_rows_are_no_sft_data(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "reverse: abcd", "chosen": "dcba", "rejected": "abcd"}\n')
+    with pytest.raises(UsageError, match="preference rows .* need a preference method"):
+        data.sft_conversations(path, "auto")
+    conversations, fmt = data.load_conversations(path, "auto")  # what quantize calibrates on: the preferred answer
+    assert fmt == "preference" and conversations == [[{"role": "user", "content": "reverse: abcd"},
+                                                      {"role": "assistant", "content": "dcba"}]]

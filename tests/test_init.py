@@ -123,3 +123,12 @@ def test_the_rule_of_thumb_picks_the_cheapest_tuner_that_fits(billions, memory, 
     rec = recommend(billions, memory)
     assert rec.tuner == tuner
     assert rec.batch_size * rec.gradient_accumulation >= 16 or rec.batch_size == 8
+
+
+def test_init_for_a_preference_method_on_pairs(tiny_model, tmp_path):
+    (tmp_path / "data").mkdir()
+    shutil.copy(TINY / "data/pairs.jsonl", tmp_path / "data/train.jsonl")
+    proc = swiftci("init", "--dir", str(tmp_path), "--yes", "--method", "dpo", "--model", str(tiny_model))
+    assert proc.returncode == 0, proc.stderr
+    assert "method: dpo" in (tmp_path / "swiftci.yaml").read_text()
+    assert swiftci("validate", "-c", str(tmp_path / "swiftci.yaml")).returncode == 0
