@@ -178,3 +178,16 @@ def test_in_a_chain_the_reference_is_the_sft_model_unless_base_is_asked(tiny_mod
     single["data"].pop("validation", None)
     proc = swiftci_in_process("validate", "-c", str(write_config(tmp_path / "single.yaml", single)))
     assert proc.returncode == 2 and "`sft` names the SFT step of a chain" in proc.stderr
+
+
+def test_a_nan_reward_stops_the_run_like_a_nan_loss(tiny_model, tmp_path, monkeypatch):
+    """trl's logged rewards pass through preference.logged; a NaN there (the stand-in) must stop training."""
+    from swiftci import preference
+
+    real = preference.logged
+    monkeypatch.setattr(preference, "logged", lambda logs: {**real(logs), "rewards_margins": float("nan")}
+                        if "rewards/margins" in logs else real(logs))
+    proc = swiftci_in_process("train", "-c", str(config(tmp_path, tiny_model, "dpo", max_steps=6)))
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out/train/train_report.json").read_text())
+    assert report["error"]["kind"] == "Diverged" and "rewards_margins is nan" in report["error"]["reason"]
