@@ -1,10 +1,12 @@
 """Baseline for bench/train_throughput.py: the plain transformers Trainer (+ peft for LoRA) script a user would
 write by hand, on the same model, data and hyperparameters as swiftci. Prints one JSON line with its throughput.
 
-    python bench/baselines/plain_trainer.py MODEL_DIR DATA.jsonl TUNER BATCH MAX_LENGTH MAX_STEPS LR [PRECISION]
+    python bench/baselines/plain_trainer.py MODEL_DIR DATA.jsonl TUNER BATCH MAX_LENGTH MAX_STEPS LR [PRECISION] [SETUP]
 
 PRECISION is fp32 (default) or bf16: mixed precision as a user sets it up, the frozen base of a LoRA in bf16 and
-full fine-tuning on fp32 master weights (what swiftci does too). MAX_STEPS 0 trains one epoch.
+full fine-tuning on fp32 master weights (what swiftci does too). MAX_STEPS 0 trains one epoch. SETUP is how a
+competent user tunes the Trainer: `defaults`, `group_by_length` (transformers' own length-grouped sampler, one
+flag) or `padding_free` (DataCollatorWithFlattening: no padding, sequence boundaries in position_ids).
 """
 
 import json
@@ -12,11 +14,12 @@ import sys
 import tempfile
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments,
-                          set_seed)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
+                          Trainer, TrainingArguments, set_seed)
 
 model_dir, data_path, tuner, batch, max_length, max_steps, lr = sys.argv[1:8]
 bf16 = (sys.argv[8] if len(sys.argv) > 8 else "fp32") == "bf16"
+setup = sys.argv[9] if len(sys.argv) > 9 else "defaults"
 set_seed(42)
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 and tuner == "lora" else torch.float32)
@@ -39,11 +42,12 @@ for msgs in rows:
 with tempfile.TemporaryDirectory() as out:
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), max_steps=int(max_steps) or -1,
                              num_train_epochs=1, bf16=bf16,
+                             **({"train_sampling_strategy": "group_by_length"} if setup == "group_by_length" else {}),
                              learning_rate=float(lr), lr_scheduler_type="cosine", warmup_steps=0.03, seed=42,
                              logging_steps=25, save_strategy="no", report_to="none", disable_tqdm=True,
                              include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False)
-    trainer = Trainer(model=model, args=args, train_dataset=examples,
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+    collator = DataCollatorWithFlattening() if setup == "padding_free" else DataCollatorForSeq2Seq(tok, padding=True)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
     result = trainer.train()
     seconds = result.metrics["train_runtime"]
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
