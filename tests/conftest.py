@@ -204,6 +204,20 @@ def containers_env(tmp_path_factory, registry) -> dict:
             "TMPDIR": str(root / "tmp")}
 
 
+@pytest.fixture
+def cluster(tmp_path):
+    """The fake Kubernetes API server of tests/fakes, its kubeconfig in `kubeconfig_path`; `controller_state` is
+    the controller the test plays (e.g. a digest whose pods crash)."""
+    from fakes.kube_api import Controller, FakeKubeAPI
+
+    controller = Controller()
+    api = FakeKubeAPI(controller=controller)
+    api.controller_state = controller
+    api.kubeconfig_path = api.kubeconfig(tmp_path / "kubeconfig")
+    yield api
+    api.close()
+
+
 @pytest.fixture(scope="session")
 def engine_image(tmp_path_factory, registry, containers_env) -> str:
     """A stand-in for a CUDA serving image (none can be pulled here): FROM scratch with busybox-static."""

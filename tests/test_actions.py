@@ -99,16 +99,6 @@ LENIENT_EVAL = {"limit": 20, "gates": [{"metric": "tiny_reverse/exact_match", "m
                                        {"metric": "tiny_reverse_mc/acc", "max_drop": "100%"}]}
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    from fakes.kube_api import Controller, FakeKubeAPI
-
-    api = FakeKubeAPI(controller=Controller())
-    api.kubeconfig_path = api.kubeconfig(tmp_path / "kubeconfig")
-    yield api
-    api.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_each_action_alone_with_its_outputs_read_later(act_repo, act_config, tmp_path, cluster, httpserver,

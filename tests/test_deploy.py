@@ -18,7 +18,6 @@ import yaml
 from werkzeug import Request, Response
 
 from conftest import clone_trained, read_json, swiftci, swiftci_in_process, tiny_config, write_config
-from fakes.kube_api import Controller, FakeKubeAPI
 from fakes.openai_api import FakeOpenAI
 
 pytestmark = pytest.mark.slow
@@ -38,16 +37,6 @@ def image_config(registry, repo_ref: str, containers_env) -> dict:
 
 
 # --- a fake cluster whose controller the test plays ------------------------------------------------------------------
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    controller = Controller()
-    api = FakeKubeAPI(controller=controller)
-    api.controller_state = controller
-    api.kubeconfig_path = api.kubeconfig(tmp_path / "kubeconfig")
-    yield api
-    api.close()
 
 
 @pytest.fixture

@@ -32,16 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NS = "ml"
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    from fakes.kube_api import Controller, FakeKubeAPI
-
-    api = FakeKubeAPI(controller=Controller())
-    api.kubeconfig_path = api.kubeconfig(tmp_path / "kubeconfig")
-    yield api
-    api.close()
-
-
 class ModelRepo:
     """A model repository as a user sets it up: the workflow copied from workflows/, swiftci.yaml, data and tasks."""
 
