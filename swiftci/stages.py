@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swiftci import reports
+from swiftci.data import sha256_file
 from swiftci.errors import StageError, SwiftCIError, hint_for
 
 if TYPE_CHECKING:
@@ -68,11 +69,12 @@ def markdown_path(cfg: Config, name: str) -> Path:
     return cfg.stage_dir(name) / get(name).markdown
 
 
-def read_report(cfg: Config, name: str) -> dict | None:
-    """A stage's report, or None when there is none (or it cannot be read: a half-written file never exists, since
-    reports are replaced atomically, but a user may have edited one)."""
+def read_report(cfg: Config, name: str, stage_dir: Path | None = None) -> dict | None:
+    """A stage's report (from `stage_dir` when given: a step of a chained training), or None when there is none (or
+    it cannot be read: a half-written file never exists, since reports are replaced atomically, but a user may have
+    edited one)."""
     try:
-        report = reports.read_json(report_path(cfg, name))
+        report = reports.read_json((stage_dir or cfg.stage_dir(name)) / get(name).report)
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None
@@ -138,17 +140,9 @@ def failure_reason(report: dict | None) -> str:
 # a shared store can be rewritten between jobs; job outputs cannot.
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def record_files(stage_dir: Path, folders: list[str]) -> dict[str, str]:
     """{path relative to the stage folder: sha256} of every file in these output folders."""
-    return {str(p.relative_to(stage_dir)): file_sha256(p)
+    return {str(p.relative_to(stage_dir)): sha256_file(p)
             for folder in folders for p in sorted((stage_dir / folder).rglob("*")) if p.is_file()}
 
 
@@ -173,14 +167,15 @@ def check_expected(cfg: Config, expected: dict[str, str]) -> None:
                              "replaced after that job — refusing to use them", kind="ContentMismatch")
 
 
-def verify(cfg: Config, name: str, folder: Path) -> str:
-    """Every file in `folder` (an output of stage `name`) is in that stage's record with the same sha256, and
-    nothing recorded is missing. Returns the folder's digest; raises StageError (exit 3) naming the file."""
-    stage_dir = cfg.stage_dir(name)
-    report = read_report(cfg, name) or {}
+def verify(cfg: Config, name: str, folder: Path, stage_dir: Path | None = None) -> str:
+    """Every file in `folder` (an output of stage `name`, whose report lies in `stage_dir`, by default the stage's
+    folder) is in that stage's record with the same sha256, and nothing recorded is missing. Returns the folder's
+    digest; raises StageError (exit 3) naming the file."""
+    stage_dir = stage_dir or cfg.stage_dir(name)
+    report = read_report(cfg, name, stage_dir) or {}
     recorded = report.get("files")
     if not isinstance(recorded, dict):
-        raise StageError(f"{report_path(cfg, name)} records no file hashes, so {folder} cannot be checked; rerun "
+        raise StageError(f"{stage_dir / get(name).report} records no file hashes, so {folder} cannot be checked; rerun "
                          f"`swiftci {name}`", kind="ContentMismatch")
     prefix = str(folder.relative_to(stage_dir)) + "/"
     wanted = {k: v for k, v in recorded.items() if k.startswith(prefix)}
@@ -254,29 +249,33 @@ def fingerprint(cfg: Config, name: str) -> str:
     if cfg.data is not None and "data" in _DECIDED_BY[name]:
         for path in (cfg.data.train, cfg.data.validation):
             if path is not None and cfg.resolve(path).is_file():
-                files[str(path)] = file_sha256(cfg.resolve(path))
+                files[str(path)] = sha256_file(cfg.resolve(path))
     ev = cfg.evaluate
     if ev is not None and "evaluate" in _DECIDED_BY[name]:
         if ev.task_dir and cfg.resolve(ev.task_dir).is_dir():  # task YAMLs and their data
             files.update({f"{ev.task_dir}/{k}": v for k, v in record_files(cfg.resolve(ev.task_dir), ["."]).items()})
         if ev.baseline not in ("base", "none") and cfg.resolve(ev.baseline).is_file():
-            files[ev.baseline] = file_sha256(cfg.resolve(ev.baseline))
+            files[ev.baseline] = sha256_file(cfg.resolve(ev.baseline))
     handed = (read_report(cfg, "train") or {}).get("files_sha256") if name != "train" and cfg.train else None
     blob = {"stage": name, "sections": sections, "files": files, "input": handed}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def reusable(cfg: Config, name: str) -> dict | None:
-    """The stage's finished report when its outputs can stand for a rerun: it passed, with the same fingerprint,
+def reusable(cfg: Config, name: str, stage_dir: Path | None = None, current: str | None = None) -> dict | None:
+    """The stage's finished report (in `stage_dir`, by default the stage's folder) when its outputs can stand for
+    a rerun: it passed, with the fingerprint this config has now (`current`, when the caller computed it already),
     and the files it handed on are still the bytes it recorded. None otherwise."""
     if name not in REUSABLE:
         return None
-    report = read_report(cfg, name) if name == "train" else this_runs_report(cfg, name)
-    if not report or report.get("status") not in get(name).passed or report.get("fingerprint") != fingerprint(cfg, name):
+    stage_dir = stage_dir or cfg.stage_dir(name)
+    report = read_report(cfg, name, stage_dir) if name == "train" else this_runs_report(cfg, name)
+    if not report or report.get("status") not in get(name).passed:
+        return None
+    if report.get("fingerprint") != (current or fingerprint(cfg, name)):
         return None
     for folder in (report.get("outputs") or {}).values():
         try:
-            verify(cfg, name, cfg.stage_dir(name) / folder)
+            verify(cfg, name, stage_dir / folder, stage_dir)
         except StageError:
             return None
     return report

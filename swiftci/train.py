@@ -141,20 +141,15 @@ def _then_config(cfg: Config, sft_model: Path) -> Config:
 
 def _finished_step(cfg: Config, out: Path) -> dict | None:
     """A step's finished report when its fingerprint is this config's and its files are still its own."""
-    try:
-        report = reports.read_json(out / stages.TRAIN.report)
-    except (OSError, ValueError):
-        return None
-    if report.get("status") != "ok" or report.get("fingerprint") != stages.fingerprint(cfg, STAGE):
-        return None
-    if stages.files_digest(stages.record_files(out, list(report["outputs"].values()))) != report.get("files_sha256"):
-        return None
-    print(f"--resume: the sft step {report['run_id']} already finished; going on with the next step", flush=True)
+    report = stages.reusable(cfg, STAGE, stage_dir=out)
+    if report is not None:
+        print(f"--resume: the sft step {report['run_id']} already finished; going on with the next step", flush=True)
     return report
 
 
 def _run_step(cfg: Config, out: Path, resume: bool, notifier: Notifier | None, parent: dict | None = None) -> dict:
-    finished = stages.reusable(cfg, STAGE) if out == cfg.stage_dir(STAGE) else None
+    fingerprint = stages.fingerprint(cfg, STAGE)  # hashes the data files: once per step
+    finished = stages.reusable(cfg, STAGE, current=fingerprint) if out == cfg.stage_dir(STAGE) else None
     if finished is not None and resume:
         print(f"--resume: {finished['run_id']} already finished with this config and data; nothing to resume, its "
               f"report and outputs in {out} are left as they are", flush=True)
@@ -165,7 +160,7 @@ def _run_step(cfg: Config, out: Path, resume: bool, notifier: Notifier | None, p
     out.mkdir(parents=True, exist_ok=True)
     run_id, last_checkpoint = _resume_point(cfg, out / "checkpoints", resume)
     job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg),
-              fingerprint=stages.fingerprint(cfg, STAGE), parent=parent)
+              fingerprint=fingerprint, parent=parent)
     _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
     stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, lambda: _hard_stall(job, stall))
     idle = IdleWatch(cfg, stall, job.notifier)

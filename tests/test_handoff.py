@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, clone_trained, read_json, swiftci_in_process, tiny_config, write_config
 from swiftci import config as configlib
 from swiftci import ghactions
+from swiftci.data import sha256_file
 
 HANDOFF = ROOT / "actions" / "handoff" / "handoff.sh"
 
@@ -38,7 +39,7 @@ def test_train_records_every_file_it_hands_on(trained):
     files = report["files"]
     assert {p.split("/")[0] for p in files} == {"adapter", "model"}
     assert "model/model.safetensors" in files and "adapter/adapter_model.safetensors" in files
-    assert files["model/model.safetensors"] == stages.file_sha256(trained.train_dir / "model/model.safetensors")
+    assert files["model/model.safetensors"] == sha256_file(trained.train_dir / "model/model.safetensors")
     assert report["files_sha256"] == stages.files_digest(files)
     assert not [p for p in files if p.startswith("checkpoints")]
 
@@ -77,7 +78,7 @@ def test_a_rewritten_record_is_caught_by_the_job_outputs_digest(trained, tiny_mo
     cfg, train_report = shippable(trained, tiny_model, tmp_path)
     model = tmp_path / "out/train/model/model.safetensors"
     model.write_bytes(model.read_bytes()[:-1] + b"\0")
-    files = {**train_report["files"], "model/model.safetensors": stages.file_sha256(model)}
+    files = {**train_report["files"], "model/model.safetensors": sha256_file(model)}
     forged = {**train_report, "files": files, "files_sha256": stages.files_digest(files)}
     (tmp_path / "out/train/train_report.json").write_text(json.dumps(forged))
     proc = swiftci_in_process("deploy", "-c", str(cfg), "--dry-run", "--expect", f"train={train_report['files_sha256']}")

@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from swiftci import data as datalib
 from swiftci import models, stages
 from swiftci.errors import StageError, UsageError
 
@@ -108,7 +109,7 @@ def packed_digest(ctx: Path, folder_name: str) -> str:
     for part in ("model", "model-files"):
         for p in sorted((ctx / part).rglob("*")):
             if p.is_file():
-                files[f"{folder_name}/{p.relative_to(ctx / part)}"] = stages.file_sha256(p)
+                files[f"{folder_name}/{p.relative_to(ctx / part)}"] = datalib.sha256_file(p)
     return stages.files_digest(files)
 
 
