@@ -29,10 +29,6 @@ LOGGED = ("rewards/", "logps/", "log_odds_", "nll_loss")
 LOGGED_KEYS = tuple(k.replace("/", "_") for k in LOGGED)  # as loss.jsonl and the report name them
 
 
-def is_preference(row: dict) -> bool:
-    return set(PAIRED) <= row.keys() or set(UNPAIRED) <= row.keys()
-
-
 # --- rows ------------------------------------------------------------------------------------------------------
 
 
