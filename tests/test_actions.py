@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_config, write_config
+from conftest import ROOT, TINY, tiny_config, write_config
 from fakes.github_api import FakeGitHub
 
 BIN = Path(sys.executable).parent
@@ -186,12 +186,15 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
     store.mkdir()
     logs = []
     for run in range(2):
-        # the first push has every stage but deploy; the second trains only (the comment then shows the others as
-        # skipped, and the store folder of this commit holds nothing of the first run)
+        # both train SFT then DPO in one train job; the first push has every stage but deploy, on the DPO model; the
+        # second trains only (the comment then shows the others as skipped, and the store folder of this commit
+        # holds nothing of the first run)
         later = {"evaluate": LENIENT_EVAL, "quantize": {"calibration": {"samples": 16}, "gates": {
             "reuse_eval_gates": False, "max_ppl_increase_pct": 1000}}} if run == 0 else {"evaluate": None,
                                                                                       "quantize": None}
-        cfg = act_config(train=SHORT_TRAIN, **later)
+        chain = {"then": {"method": "dpo", "max_steps": 6, "data": {
+            "train": str(TINY / "data/pairs.jsonl"), "validation": str(TINY / "data/pairs-validation.jsonl")}}}
+        cfg = act_config(train={**SHORT_TRAIN, **chain}, **later)
         code, log = act(act_repo, tmp_path / f"run{run}", "pull_request", "tests/act/pull-request.yml",
                         event_json=event, variables={"SWIFTCI_CONFIG": str(cfg), "SWIFTCI_MODEL_STORE": str(store)},
                         env={"GITHUB_API_URL": api}, secrets={"GITHUB_TOKEN": TOKEN, "HF_TOKEN": HF_SECRET})
@@ -204,6 +207,7 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
             assert "| quantize | ✅ | size ×0.2" in only["body"] and "### swiftci quantize — GPTQ 4-bit" in only["body"]
         else:
             assert "| evaluate | skipped |" in only["body"] and "| quantize | skipped |" in only["body"]
+        assert "reward accuracy" in only["body"] and "(held-out)" in only["body"], "the dpo step's report"
     methods = [m for m, _ in github.requests]
     assert methods.count("POST") == 1 and methods.count("PATCH") == 1
     assert not list(tmp_path.glob("pwned*")), "a payload in the pull request was executed"
@@ -211,7 +215,10 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
     for log in logs:
         assert TOKEN not in log and HF_SECRET not in log
     (stored,) = store.glob("acme/model-repo/*/train/train_report.json")  # a re-run of one commit replaces it
-    assert (stored.parent / "adapter").is_dir() and not list(store.rglob("checkpoints")), "the model went via the store"
+    report = json.loads(stored.read_text())
+    assert [s["method"] for s in report["steps"]] == ["sft", "dpo"] and report["outputs"]["model"] == "dpo/model"
+    assert (stored.parent / "dpo/model/config.json").is_file(), "the chained model went via the store"
+    assert (stored.parent / "sft/run.json").is_file() and not list(store.rglob("checkpoints"))
     for stage in ("evaluate", "quantize"):
         assert not (stored.parent.parent / stage).exists(), f"the re-run left the first run's {stage} output"
     artifacts = [p.name for p in (tmp_path / "run0/artifacts").iterdir()]
