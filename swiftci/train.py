@@ -539,7 +539,12 @@ def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
 
 class LengthGroupedSampler:
     """Batches of similar lengths (less padding), reshuffled per epoch from `seed + epoch` so a resumed run sees
-    exactly the order an uninterrupted one would. (A sampler is anything with __iter__ and __len__.)"""
+    exactly the order an uninterrupted one would. (A sampler is anything with __iter__ and __len__.)
+
+    Why not transformers' own (`train_sampling_strategy="group_by_length"`, the same grouping function): it draws
+    from the global RNG when the epoch starts, so a run resumed inside an epoch sees another order.
+    tests/test_train.py::test_killed_run_resumes_to_the_same_loss fails with it (transformers 5.24, 2026-12-02:
+    the first step after the resume logged loss 1.0794 instead of the uninterrupted run's 1.0990)."""
 
     def __init__(self, lengths: list[int], group: int, seed: int):
         self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
