@@ -77,7 +77,7 @@ def parse(body: str, allow_set: list[str]) -> Command | Refusal:
     unsafe = sorted({c for w in words for c in w if not WORD.fullmatch(c)})
     if unsafe:
         shown = " ".join(f"`{c}`" if c.isascii() and c.isprintable() and c != "`" else f"U+{ord(c):04X}"
-                         for c in unsafe[:8])
+                         for c in unsafe[:8]) + (" …" if len(unsafe) > 8 else "")
         problems.append(f"characters a command never needs ({shown}): commands are plain words of letters, digits "
                         "and `._,:/+=@-` — no shell, quotes, `$`, backticks or `${{ }}`")
     if problems:
@@ -243,8 +243,8 @@ def answer(event: Event, line: str, outcome: str, github: GitHub, details: str =
     github.react(event.repo, event.comment_id, "+1" if ok else "-1")
     verdict = "passed" if ok else f"failed ({_inert(outcome)})"
     text = f"{'✅' if ok else '❌'} {_by(event)}: `{_inert(line)}` {verdict}" + _link()
-    if details:
-        text += "\n\n" + details
+    if details:  # job outputs, which a pull request's code can influence: one inert line
+        text += "\n\n" + " ".join(details.split())[:300].replace("<", "&lt;").replace("@", "@\u200b")
     github.answer(event.repo, event.number, text + "\n")
 
 

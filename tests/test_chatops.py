@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import swiftci_in_process
+from conftest import ROOT, swiftci_in_process
 from fakes.github_api import FakeGitHub
+from test_actions import act, act_repo  # noqa: F401 (act_repo: the fixture, shared with test_actions)
 
 TOKEN = "ghs_chatops_token_1a2b3c4d"
 ALLOW = ["train.learning_rate", "train.max_steps"]
@@ -201,3 +202,97 @@ def test_a_refusal_is_answered_and_decides_nothing(cfg, tmp_path, github, login,
     assert github.reactions == [(555, "eyes"), (555, "-1")]
     assert github.for_pr(7)[0]["body"] == f"<!-- swiftci-chatops -->\n❌ chat-ops command from `{login}`\n\n{message}\n"
     assert ("GET", f"/repos/acme/model-repo/collaborators/{login}/permission") in github.requests
+
+
+# --- workflows/chatops.yml, run for real with act ---------------------------------------------------------------
+
+
+def comment_event(body: str, login: str) -> dict:
+    return {"action": "created",
+            "issue": {"number": 7, "title": "tune it", "pull_request": {"url": "https://api.github.example/pulls/7"}},
+            "comment": {"id": 555, "body": body, "user": {"login": login, "type": "User"},
+                        "author_association": "OWNER"},  # a lie the workflow must not believe
+            "repository": {"full_name": "acme/model-repo", "name": "model-repo", "owner": {"login": "acme"},
+                           "default_branch": "main", "private": True}}
+
+
+@pytest.fixture
+def chatops_repo(tiny_model, tmp_path):
+    """A model repository with workflows/chatops.yml copied in unchanged, and a tiny swiftci.yaml (train only)."""
+    import shutil
+
+    from conftest import TINY
+    from test_push_to_deploy import ModelRepo
+
+    repo = ModelRepo(tmp_path / "model-repo", tiny_model)
+    shutil.copy(ROOT / "workflows/chatops.yml", repo.root / ".github/workflows/swiftci-chatops.yml")
+    cfg = yaml.safe_load((TINY / "swiftci.yaml").read_text())
+    cfg["model"]["id"] = str(tiny_model)
+    cfg["train"].update(max_steps=30, save_steps=1000, logging_steps=1)
+    for section in ("evaluate", "quantize", "deploy", "notify"):
+        cfg.pop(section, None)
+    cfg["chatops"] = {"allow_set": ["train.max_steps", "train.learning_rate"]}
+    repo.sha = repo.commit(cfg, "tiny model repo")
+    return repo
+
+
+def run_chatops(act_repo, repo, work: Path, github: FakeGitHub, body: str, login: str):
+    (work / "store").mkdir(parents=True, exist_ok=True)
+    return act(repo.root, work, "issue_comment", ".github/workflows/swiftci-chatops.yml",
+               event_json=comment_event(body, login), variables={"SWIFTCI_PR_MODEL_STORE": str(work / "store")},
+               env={"GITHUB_API_URL": github.url, "SWIFTCI_TEST_REPO": str(repo.root)},
+               secrets={"GITHUB_TOKEN": TOKEN, "KUBECONFIG": "not-for-prs"},
+               platforms=("self-hosted", "gpu-pr", "gpu"), swiftci_repo=act_repo, stand_ins={
+                   "actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683": ROOT / "tests/fakes/checkout"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_writers_comment_runs_on_the_pull_requests_head(act_repo, chatops_repo, github, tmp_path):
+    """The pull request's head (seed 7) runs, not the default branch the workflow itself runs on (seed 42)."""
+    repo = chatops_repo
+    repo.git("checkout", "-q", "-b", "feature")
+    cfg = yaml.safe_load((repo.root / "swiftci.yaml").read_text())
+    cfg["train"]["seed"] = 7
+    github.heads[7] = head = repo.commit(cfg, "a pull request's change")
+    repo.git("checkout", "-q", "main")
+    code, log = run_chatops(act_repo, chatops_repo, tmp_path / "run", github,
+                            "/swiftci run --set train.max_steps=5", "writer")
+    assert code == 0, log[-6000:]
+    assert github.reactions == [(555, "eyes"), (555, "+1")]
+    (answer,) = github.for_pr(7)
+    assert answer["body"].startswith("<!-- swiftci-chatops -->\n✅ chat-ops command from `writer`: `/swiftci run "
+                                     "--set train.max_steps=5` passed"), answer["body"]
+    assert answer["body"].endswith("train: ok · evaluate: · quantize: · deploy:\n"), answer["body"]
+    assert f"chatops: /swiftci run --set train.max_steps=5 on {head[:12]}" in log
+    train = tmp_path / f"run/store/acme/model-repo/chatops-7/{head}/train"
+    assert json.loads((train / "train_report.json").read_text())["metrics"]["steps"] == 5, "--set reached the run"
+    assert json.loads((train / "run.json").read_text())["seed"] == 7, "the pull request's head ran"
+    assert ("GET", "/repos/acme/model-repo/collaborators/writer/permission") in github.requests
+    assert TOKEN not in log and "swiftci deploy" not in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("login,body,message", [
+    ("reader", "/swiftci run --set train.max_steps=5",
+     "refused: `reader` has read access to this repository; chat-ops commands need write access"),
+    ("writer", "/swiftci run --set train.max_steps=5 $(touch {pwned}-sub) `touch {pwned}-tick` "
+               "${{{{ secrets.GITHUB_TOKEN }}}}\n/swiftci deploy --rollback\"; touch {pwned}-quote #",
+     "refused: a command is one line, alone in its comment: nothing on a second line is run; characters a command "
+     "never needs (`\"` `#` `$` `(` `)` `;` U+0060 `{` …): " + SAFE),
+    ("writer", "/swiftci run --set deploy.image=evil",
+     "refused: `--set deploy.image` is not allowed from a comment (allowed: `train.max_steps`, "
+     "`train.learning_rate`)"),
+])
+def test_refused_comments_are_answered_and_run_nothing(act_repo, chatops_repo, github, tmp_path, login, body,
+                                                       message):
+    pwned = tmp_path / "pwned"
+    code, log = run_chatops(act_repo, chatops_repo, tmp_path / "run", github, body.format(pwned=pwned), login)
+    assert code == 0, log[-6000:]
+    assert github.reactions == [(555, "eyes"), (555, "-1")]
+    (answer,) = github.for_pr(7)
+    assert answer["body"] == f"<!-- swiftci-chatops -->\n❌ chat-ops command from `{login}`\n\n{message}\n"
+    assert not list(tmp_path.glob("pwned*")), "a payload in the comment was executed"
+    assert not list((tmp_path / "run/store").iterdir()), "nothing ran on the pull-request runners"
+    assert "swiftci train" not in log and TOKEN not in log
