@@ -67,6 +67,14 @@ class Settings:
         if not s.slack_signing_secret and not s.discord_public_key:
             raise UsageError("bot: set SLACK_SIGNING_SECRET (Slack app → Basic Information → Signing Secret) and/or "
                              "DISCORD_PUBLIC_KEY (Discord application → General Information → Public Key)")
+        if s.discord_public_key:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", s.discord_public_key):
+                raise UsageError("bot: DISCORD_PUBLIC_KEY must be the application's public key, 64 hex digits "
+                                 "(Discord application → General Information → Public Key)")
+            try:
+                import nacl.signing  # noqa: F401
+            except ImportError:
+                raise UsageError("bot: Discord's signatures need PyNaCl; pip install 'swiftci[chatops]'") from None
         return s
 
 

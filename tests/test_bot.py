@@ -191,6 +191,9 @@ def test_bot_refuses_to_start_without_its_section_or_secrets(tmp_path):
     proc = swiftci_in_process("bot", "-c", str(cfg), env={"GITHUB_TOKEN": "x", "SLACK_SIGNING_SECRET": "",
                                                           "DISCORD_PUBLIC_KEY": ""}, check=2)
     assert "bot: set SLACK_SIGNING_SECRET" in proc.stderr
+    proc = swiftci_in_process("bot", "-c", str(cfg), env={"GITHUB_TOKEN": "x", "DISCORD_PUBLIC_KEY": "not-hex"},
+                              check=2)
+    assert "bot: DISCORD_PUBLIC_KEY must be the application's public key, 64 hex digits" in proc.stderr
     bad = {**BOT, "repository": "acme", "inputs": ["model"], "required": ["model", "data"]}
     cfg.write_text(yaml.safe_dump({"name": "x", "model": {"id": "acme/base"}, "chatops": {"bot": bad}}))
     proc = swiftci_in_process("bot", "-c", str(cfg), check=2)
@@ -200,3 +203,39 @@ def test_bot_refuses_to_start_without_its_section_or_secrets(tmp_path):
     assert (f"{cfg}:{where['repository']}: chatops.bot.repository: 'acme' is not OWNER/NAME, e.g. "
             "`acme/support-bot`") in proc.stderr
     assert f"{cfg}:{where['required']}: chatops.bot.required: data not in `inputs`; add them there" in proc.stderr
+
+
+def test_the_bot_ships_as_an_image_and_valid_kubernetes_manifests(tmp_path):
+    """deploy/bot: the manifests validate against Kubernetes 1.33's schemas (strict), and they, the Dockerfile and
+    the bot agree on the config path, port, user, probe and the two paths Slack and Discord call."""
+    import kubernetes_validate
+
+    from swiftci.bot import DISCORD_PATH, SLACK_PATH
+
+    proc = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy/bot")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(proc.stdout)}
+    assert sorted(docs) == ["ConfigMap", "Deployment", "Ingress", "Service"]
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, "1.33", strict=True)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert docs["Deployment"]["spec"]["replicas"] == 1, "the replay guard lives in one pod's memory"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
+    assert secrets == {"GITHUB_TOKEN": "swiftci-bot", "SLACK_SIGNING_SECRET": "swiftci-bot",
+                       "DISCORD_PUBLIC_KEY": "swiftci-bot"}
+    paths = [p["path"] for rule in docs["Ingress"]["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert paths == [SLACK_PATH, DISCORD_PATH]
+
+    dockerfile = (ROOT / "deploy/bot/Dockerfile").read_text()
+    entry = json.loads(next(x for x in dockerfile.splitlines() if x.startswith("ENTRYPOINT "))[len("ENTRYPOINT "):])
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert entry[:2] == ["swiftci", "bot"] and entry[entry.index("-c") + 1] == f"{mount}/swiftci.yaml"
+    assert entry[entry.index("--port") + 1] == str(container["ports"][0]["containerPort"])
+    assert f"USER {pod['securityContext']['runAsUser']}:" in dockerfile and ".[chatops]" in dockerfile
+
+    config = tmp_path / "swiftci.yaml"  # the ConfigMap's swiftci.yaml is a valid config with a bot section
+    config.write_text(docs["ConfigMap"]["data"]["swiftci.yaml"])
+    assert swiftci_in_process("validate", "-c", str(config), check=0).returncode == 0
