@@ -163,8 +163,8 @@ def inputs_from(words: list[str], bot: ChatopsBotConfig) -> dict[str, str]:
         key, sep, value = word.partition("=")
         if not sep or key not in bot.inputs:
             problems.append(f"`{word[:40]}`: expected key=value with a key among {', '.join(bot.inputs)}")
-        elif not VALUE.fullmatch(value):
-            problems.append(f"`{key}`: the value must be plain (letters, digits, `_./:+-`, up to 200)")
+        elif not VALUE.fullmatch(value) or ".." in value:
+            problems.append(f"`{key}`: the value must be plain (letters, digits, `_./:+-`, no `..`, up to 200)")
         elif key in inputs:
             problems.append(f"`{key}` is given twice")
         else:

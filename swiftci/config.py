@@ -724,8 +724,8 @@ class ChatopsConfig(Section):
         "`[train.learning_rate, train.epochs]`. Empty: no `--set` at all.",
     )
     bot: ChatopsBotConfig | None = Field(
-        default=None, description="`swiftci bot`: which workflow a Slack or Discord `/finetune` dispatches, and who may. "
-        "Unset: the bot refuses to start.",
+        default=None, description="`swiftci bot`: which workflow a Slack or Discord `/finetune` dispatches, and who "
+        "may. Unset: the bot refuses to start.",
     )
 
 

@@ -111,7 +111,8 @@ def test_a_signed_slack_command_dispatches_once_and_answers_with_the_run(bot):
                                       "inputs": {"model": "qwen-7b-lora", "data": "wiki_zh", "learning_rate": "1e-4"}}]
     assert follow_up["path"] == "/slack/hooks/T1/B1/xyz"
     assert follow_up["json"]["text"] == ("✅ started `swiftci.yml` on `main` (model=qwen-7b-lora data=wiki_zh "
-                                         "learning_rate=1e-4): https://github.example/acme/model-repo/actions/runs/9001")
+                                         "learning_rate=1e-4): "
+                                         "https://github.example/acme/model-repo/actions/runs/9001")
 
     body = urlencode(form).encode()
     stale = int(time.time()) - 301
@@ -158,6 +159,8 @@ def test_a_signed_discord_command_answers_ping_defers_and_dispatches_once(bot):
     ({"text": "model=qwen"}, "refused: missing `data=…`. Usage: /finetune model=… data=…"),
     ({"text": "model=$(touch /tmp/pwned) data=`id`"}, "refused: characters a command never needs (U+0024 U+0028 "
                                                       "U+0029 U+0060); write plain `key=value` words"),
+    ({"text": "model=qwen data=../../secrets"}, "refused: `data`: the value must be plain (letters, digits, "
+                                                "`_./:+-`, no `..`, up to 200). Usage: /finetune model=… data=…"),
     ({"command": "/deploy"}, "refused: this bot answers /finetune only"),
     ({"response_url": "https://evil.example/hook"}, "refused: the response_url is not Slack's"),
 ])

@@ -76,7 +76,8 @@ SAFE = "commands are plain words of letters, digits and `._,:/+=@-` — no shell
     ("/swiftci train", "unknown command `train`; commands: `/swiftci run [--set key=value …]`, `/swiftci evaluate`, "
                        "`/swiftci deploy --dry-run` or `/swiftci deploy --rollback`"),
     ("/swiftcideploy", "not a swiftci command: write `/swiftci` then a space; commands: `/swiftci run [--set "
-                       "key=value …]`, `/swiftci evaluate`, `/swiftci deploy --dry-run` or `/swiftci deploy --rollback`"),
+                       "key=value …]`, `/swiftci evaluate`, `/swiftci deploy --dry-run` or "
+                       "`/swiftci deploy --rollback`"),
 ])
 def test_anything_else_is_refused_with_a_message_and_runs_nothing(cfg, tmp_path, body, message):
     code, out = parse(cfg, body)

@@ -111,7 +111,8 @@ class FakeGitHub:
             if not body.get("return_run_details"):
                 return Response(status=204)
             run = 9000 + len(self.dispatches)
-            return self._json({"workflow_run_id": run, "run_url": f"{request.host_url}repos/{m['repo']}/actions/runs/{run}",
+            return self._json({"workflow_run_id": run,
+                               "run_url": f"{request.host_url}repos/{m['repo']}/actions/runs/{run}",
                                "html_url": f"https://github.example/{m['repo']}/actions/runs/{run}"}, 200)
         return None
 
