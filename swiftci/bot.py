@@ -169,7 +169,8 @@ def inputs_from(words: list[str], bot: ChatopsBotConfig) -> dict[str, str]:
             problems.append(f"`{key}` is given twice")
         else:
             inputs[key] = value
-    missing = [k for k in bot.required if k not in inputs]
+    given = {w.partition("=")[0] for w in words}
+    missing = [k for k in bot.required if k not in given]  # a bad value is named above, not as missing
     if missing:
         problems.append("missing " + ", ".join(f"`{k}=…`" for k in missing))
     if problems:
