@@ -208,10 +208,10 @@ def test_a_refusal_is_answered_and_decides_nothing(cfg, tmp_path, github, login,
 # --- workflows/chatops.yml, run for real with act ---------------------------------------------------------------
 
 
-def comment_event(body: str, login: str) -> dict:
+def comment_event(body: str, login: str, comment_id: int = 555) -> dict:
     return {"action": "created",
             "issue": {"number": 7, "title": "tune it", "pull_request": {"url": "https://api.github.example/pulls/7"}},
-            "comment": {"id": 555, "body": body, "user": {"login": login, "type": "User"},
+            "comment": {"id": comment_id, "body": body, "user": {"login": login, "type": "User"},
                         "author_association": "OWNER"},  # a lie the workflow must not believe
             "repository": {"full_name": "acme/model-repo", "name": "model-repo", "owner": {"login": "acme"},
                            "default_branch": "main", "private": True}}
@@ -230,17 +230,21 @@ def chatops_repo(tiny_model, tmp_path):
     cfg = yaml.safe_load((TINY / "swiftci.yaml").read_text())
     cfg["model"]["id"] = str(tiny_model)
     cfg["train"].update(max_steps=30, save_steps=1000, logging_steps=1)
-    for section in ("evaluate", "quantize", "deploy", "notify"):
+    for section in ("evaluate", "quantize", "notify"):
         cfg.pop(section, None)
+    cfg["deploy"] = {"target": "kubernetes", "engine": "transformers", "engine_image": "registry.example/engine:v1",
+                     "image": "registry.example/tiny-reverse", "gpus": 0, "namespace": "ml", "model": "merged"}
     cfg["chatops"] = {"allow_set": ["train.max_steps", "train.learning_rate"]}
     repo.sha = repo.commit(cfg, "tiny model repo")
     return repo
 
 
-def run_chatops(act_repo, repo, work: Path, github: FakeGitHub, body: str, login: str):
-    (work / "store").mkdir(parents=True, exist_ok=True)
+def run_chatops(act_repo, repo, work: Path, github: FakeGitHub, body: str, login: str, *, comment_id: int = 555,
+                store: Path | None = None):
+    store = store or work / "store"
+    store.mkdir(parents=True, exist_ok=True)
     return act(repo.root, work, "issue_comment", ".github/workflows/swiftci-chatops.yml",
-               event_json=comment_event(body, login), variables={"SWIFTCI_PR_MODEL_STORE": str(work / "store")},
+               event_json=comment_event(body, login, comment_id), variables={"SWIFTCI_PR_MODEL_STORE": str(store)},
                env={"GITHUB_API_URL": github.url, "SWIFTCI_TEST_REPO": str(repo.root)},
                secrets={"GITHUB_TOKEN": TOKEN, "KUBECONFIG": "not-for-prs"},
                platforms=("self-hosted", "gpu-pr", "gpu"), swiftci_repo=act_repo, stand_ins={
@@ -271,6 +275,18 @@ def test_a_writers_comment_runs_on_the_pull_requests_head(act_repo, chatops_repo
     assert json.loads((train / "run.json").read_text())["seed"] == 7, "the pull request's head ran"
     assert ("GET", "/repos/acme/model-repo/collaborators/writer/permission") in github.requests
     assert TOKEN not in log and "swiftci deploy" not in log
+
+    # a second command on the same commit finds what the first made: the dry run renders what would ship
+    code, log = run_chatops(act_repo, chatops_repo, tmp_path / "run2", github, "/swiftci deploy --dry-run", "writer",
+                            comment_id=556, store=tmp_path / "run/store")
+    assert code == 0, log[-6000:]
+    assert github.reactions[2:] == [(556, "eyes"), (556, "+1")]
+    (answer,) = github.for_pr(7)
+    assert "✅ chat-ops command from `writer`: `/swiftci deploy --dry-run` passed" in answer["body"]
+    assert answer["body"].endswith("train: · evaluate: · quantize: · deploy: dry_run\n"), answer["body"]
+    deploy = train.parent / "deploy"
+    assert json.loads((deploy / "deploy_report.json").read_text())["status"] == "dry_run"
+    assert "kind: Deployment" in (deploy / "manifests.yaml").read_text()
 
 
 @pytest.mark.slow
