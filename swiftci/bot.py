@@ -237,10 +237,15 @@ def dispatch(bot: ChatopsBotConfig, inputs: dict[str, str], settings: Settings) 
     import requests
 
     url = f"{settings.github_api}/repos/{bot.repository}/actions/workflows/{quote(bot.workflow, safe='')}/dispatches"
-    resp = requests.post(url, json={"ref": bot.ref, "inputs": inputs, "return_run_details": True}, timeout=(5, 20),
-                         headers={"Authorization": f"Bearer {settings.github_token}",
-                                  "Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28",
-                                  "User-Agent": "swiftci-bot"})
+    headers = {"Authorization": f"Bearer {settings.github_token}", "Accept": "application/vnd.github+json",
+               "X-GitHub-Api-Version": "2022-11-28", "User-Agent": "swiftci-bot"}
+    body = {"ref": bot.ref, "inputs": inputs, "return_run_details": True}
+    resp = requests.post(url, json=body, headers=headers, timeout=(5, 20))
+    if resp.status_code in (400, 422) and "return_run_details" in resp.text:
+        # a GitHub Enterprise Server older than the run details (February 2026) refuses the field and starts
+        # nothing: ask again without it, and link the workflow's runs instead of the run
+        del body["return_run_details"]
+        resp = requests.post(url, json=body, headers=headers, timeout=(5, 20))
     if resp.status_code >= 400:
         raise RuntimeError(f"GitHub answered {resp.status_code} to the dispatch: {resp.text[:200]}")
     if resp.status_code == 200 and resp.content and resp.json().get("html_url"):
@@ -310,9 +315,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200 if self.path == "/healthz" else 404, {"ok": self.path == "/healthz"})
 
     def do_POST(self) -> None:  # noqa: N802
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._send(413, {"error": "too large"})
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self._send(413 if length > MAX_BODY else 400, {"error": "bad length"})
             return
         app: Bot = self.server.app  # type: ignore[attr-defined]
         status, answer, ask = app.handle(self.path, self.headers, self.rfile.read(length))

@@ -242,3 +242,16 @@ def test_the_bot_ships_as_an_image_and_valid_kubernetes_manifests(tmp_path):
     config = tmp_path / "swiftci.yaml"  # the ConfigMap's swiftci.yaml is a valid config with a bot section
     config.write_text(docs["ConfigMap"]["data"]["swiftci.yaml"])
     assert swiftci_in_process("validate", "-c", str(config), check=0).returncode == 0
+
+
+def test_an_older_github_without_run_details_still_gets_one_dispatch(bot):
+    bot.github.legacy_dispatch = True
+    assert bot.slack(slack_form(bot.api)).status_code == 200
+    (follow_up,) = bot.wait_for_follow_ups(1)
+    assert len(bot.github.dispatches) == 1
+    assert follow_up["json"]["text"].endswith("): https://github.com/acme/model-repo/actions/workflows/swiftci.yml")
+
+
+def test_a_request_too_large_is_refused_unread(bot):
+    big = requests.post(bot.url + "/slack/commands", data=b"x" * (64 * 1024 + 1), timeout=10)
+    assert big.status_code == 413 and bot.github.dispatches == []

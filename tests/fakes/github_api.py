@@ -37,6 +37,7 @@ class FakeGitHub:
     heads: dict[int, str] = field(default_factory=dict)  # pull request number -> head sha
     reactions: list[tuple[int, str]] = field(default_factory=list)  # (comment id, content)
     dispatches: list[dict] = field(default_factory=list)  # {repo, workflow, ref, inputs}
+    legacy_dispatch: bool = False  # answer like a GitHub Enterprise Server without `return_run_details`
 
     def install(self, httpserver) -> str:
         httpserver.expect_request(re.compile(".*")).respond_with_handler(self.handle)
@@ -106,6 +107,8 @@ class FakeGitHub:
             return self._json({"number": int(m["number"]), "head": {"sha": sha}}, 200)
         if (m := DISPATCH.match(request.path)) and request.method == "POST":
             body = request.get_json()
+            if self.legacy_dispatch and "return_run_details" in body:
+                return self._json({"message": "Invalid request. \"return_run_details\" is not a permitted key."}, 422)
             self.dispatches.append({"repo": m["repo"], "workflow": m["workflow"], "ref": body["ref"],
                                     "inputs": body.get("inputs") or {}})
             if not body.get("return_run_details"):
