@@ -346,5 +346,13 @@ def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: 
         ghactions.set_outputs({"action": posted.action, "comment-url": posted.url or ""})
 
 
+from swiftci.commands.chatops import bot as _bot  # noqa: E402
+from swiftci.commands.chatops import chatops as _chatops  # noqa: E402
+
+for _cmd in (_bot, *_chatops.commands.values()):  # errors become exit codes here, as for every command
+    _cmd.callback = _errors_to_exit_codes(_cmd.callback)
+main.add_command(_chatops)
+main.add_command(_bot)
+
 if __name__ == "__main__":
     main()

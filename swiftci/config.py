@@ -633,6 +633,102 @@ class NotifyConfig(Section):
     )
 
 
+# --- chatops ---------------------------------------------------------------------------------------------------
+
+_REPOSITORY = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_INPUT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+# what a comment may never steer: where secrets come from, and the chat-ops rules themselves
+_NEVER_SET = ("notify", "chatops", "output_dir")
+
+
+def _settable(key: str) -> str:
+    parts = tuple(key.split("."))
+    if parts[0] in _NEVER_SET:
+        raise ValueError(f"{key!r} cannot be allowed: a comment must not steer `{parts[0]}`")
+    fields = _fields_at(Config, parts[:-1])
+    if fields is None or parts[-1] not in fields:
+        options = sorted(fields or Config.model_fields)
+        raise ValueError(f"{key!r} is no config key; use a dotted key such as `train.learning_rate`"
+                         f"{_suggest(parts[-1], options)}")
+    if _fields_at(Config, parts) is not None:
+        raise ValueError(f"{key!r} is a section; allow its keys one by one, e.g. `{key}.<key>`")
+    return key
+
+
+class ChatopsSlackConfig(Section):
+    users: list[str] = Field(
+        default_factory=list, description="Slack user ids that may run the command, e.g. `[U012AB3CD]`. Empty: nobody."
+    )
+    channels: list[str] = Field(
+        default_factory=list, description="Channel ids it may be run in, e.g. `[C0123ABCD]`. Empty: none."
+    )
+
+
+class ChatopsDiscordConfig(Section):
+    users: list[str] = Field(
+        default_factory=list, description="Discord user ids that may run the command, e.g. `[\"80351110224678912\"]`. "
+        "Empty: nobody.",
+    )
+    guilds: list[str] = Field(
+        default_factory=list, description="Server (guild) ids it may be run in, e.g. `[\"41771983423143937\"]`. "
+        "Empty: none (direct messages never).",
+    )
+    channels: list[str] = Field(
+        default_factory=list, description="Channel ids it may be run in, e.g. `[\"41771983423143938\"]`. Empty: any "
+        "channel of the allowed guilds.",
+    )
+
+
+class ChatopsBotConfig(Section):
+    repository: str = Field(description="The repository whose workflow the bot dispatches, e.g. `acme/support-bot`.")
+    workflow: str = Field(
+        description="The workflow file (or id) to dispatch, e.g. `swiftci.yml`; it declares the inputs below under "
+        "`on.workflow_dispatch.inputs`."
+    )
+    ref: str = Field(default="main", description="Branch the workflow runs on, e.g. `main`.")
+    command: str = Field(default="finetune", description="The slash command's name, without `/`, e.g. `finetune`.")
+    inputs: list[str] = Field(
+        default_factory=lambda: ["model", "data"],
+        description="Workflow inputs `/finetune key=value` may set, e.g. `[model, data, learning_rate]`; any other key "
+        "is refused.",
+    )
+    required: list[str] = Field(
+        default_factory=lambda: ["model", "data"], description="Inputs every command must give, e.g. `[model, data]`."
+    )
+    slack: ChatopsSlackConfig | None = Field(default=None, description="Slack slash commands. Unset: refused.")
+    discord: ChatopsDiscordConfig | None = Field(default=None, description="Discord commands. Unset: refused.")
+
+    @model_validator(mode="after")
+    def _names(self) -> ChatopsBotConfig:
+        problems = []
+        if not _REPOSITORY.match(self.repository):
+            problems.append(f"repository: {self.repository!r} is not OWNER/NAME, e.g. `acme/support-bot`")
+        bad = [n for n in self.inputs if not _INPUT_NAME.match(n)]
+        if bad:
+            problems.append(f"inputs: {', '.join(map(repr, bad))}: input names are lowercase letters, digits, `_` "
+                            "and `-`, e.g. `learning_rate`")
+        missing = [n for n in self.required if n not in self.inputs]
+        if missing:
+            problems.append(f"required: {', '.join(missing)} not in `inputs`; add them there")
+        if not re.fullmatch(r"[a-z0-9_-]{1,32}", self.command):
+            problems.append(f"command: {self.command!r} is no slash command name; use e.g. `finetune`")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class ChatopsConfig(Section):
+    allow_set: list[Annotated[str, AfterValidator(_settable)]] = Field(
+        default_factory=list,
+        description="Config keys a `/swiftci run --set key=value` comment may override, e.g. "
+        "`[train.learning_rate, train.epochs]`. Empty: no `--set` at all.",
+    )
+    bot: ChatopsBotConfig | None = Field(
+        default=None, description="`swiftci bot`: which workflow a Slack or Discord `/finetune` dispatches, and who "
+        "may. Unset: the bot refuses to start.",
+    )
+
+
 # --- deploy ----------------------------------------------------------------------------------------------------
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
@@ -808,6 +904,10 @@ class Config(Section):
     )
     notify: NotifyConfig | None = Field(
         default=None, description="Slack/Discord notifications. Unset: none."
+    )
+    chatops: ChatopsConfig | None = Field(
+        default=None, description="Chat-ops: pull-request comment commands and the Slack/Discord bot (README, "
+        "\"Chat-ops\"). Unset: comments run nothing and the bot refuses to start.",
     )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -1175,6 +1275,31 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
     return cfg
 
 
+def load_section(path: str | Path, name: str) -> Any:
+    """One top-level section of the file, validated alone, or None when the file has none. For readers that have
+    neither the other sections' secrets nor their files: `swiftci bot` and chat-ops' `decide` read only `chatops`."""
+    path = Path(path)
+    label = str(path)
+    raw, where, problems = _read_yaml(path, label)
+    messages = [f"{label}:{where.line_of(p) or 1}: {_dotted(p)}: {m}" for p, m in problems if p[:1] == (name,)]
+    if raw.get(name) is None:
+        if messages:
+            raise ConfigError(messages)
+        return None
+    env_problems: list[tuple[tuple, str]] = []
+    value = _expand_env(raw[name], (name,), env_problems, [])
+    messages += [f"{label}:{where.line_of(p) or 1}: {_dotted(p)}: {m}" for p, m in env_problems]
+    section = None
+    try:
+        section = _section_type(Config.model_fields[name].annotation).model_validate(value)
+    except ValidationError as e:
+        for p, msgs in _validation_messages(e, {name: value}, prefix=(name,)).items():
+            messages.append(f"{label}:{where.line_of(p) or 1}: {_dotted(p)}: {' or '.join(msgs)}")
+    if messages:
+        raise ConfigError(messages)
+    return section
+
+
 def _read_yaml(path: Path, label: str) -> tuple[dict, _Located, list[tuple[tuple, str]]]:
     """The document, where each key sits, and the problems found while reading it (duplicate keys)."""
     if not path.is_file():
@@ -1223,12 +1348,13 @@ def _literal_secrets(raw: dict, expanded: set[tuple]) -> list[tuple[tuple, str]]
     return problems
 
 
-def _validation_messages(e: ValidationError, raw: dict) -> dict[tuple, list[str]]:
-    """pydantic's errors as messages, grouped by the document path they belong to."""
+def _validation_messages(e: ValidationError, raw: dict, prefix: tuple = ()) -> dict[tuple, list[str]]:
+    """pydantic's errors as messages, grouped by the document path they belong to (`prefix`: where the validated
+    model sits in the document, for a section validated alone)."""
     by_path: dict[tuple, list[str]] = {}
     for err in e.errors():
         for loc, err in _split_model_errors(err):
-            shown = _display_path(raw, loc)
+            shown = _display_path(raw, prefix + tuple(loc))
             msg = _message(err, shown, Config)
             by_path.setdefault(shown, [])
             if msg not in by_path[shown]:

@@ -53,15 +53,16 @@ def act_repo(tmp_path_factory) -> Path:
 
 def act(repo: Path, work: Path, event: str, workflow: str, *, event_json: dict | None = None,
         variables: dict | None = None, env: dict | None = None, secrets: dict | None = None,
-        platforms: tuple[str, ...] = (), swiftci_repo: Path | None = None):
+        platforms: tuple[str, ...] = (), swiftci_repo: Path | None = None, stand_ins: dict | None = None):
     """Run act in host mode with a clean environment (HOME in `work`, where act keeps each job's workspace);
     `platforms` are further runs-on labels that run on this host; `swiftci/swiftci@v1` is `swiftci_repo` (default:
-    `repo`, the copy of this working tree). Returns (exit code, log)."""
+    `repo`, the copy of this working tree); `stand_ins` adds `uses:` refs -> local folders to PINNED's. Returns
+    (exit code, log)."""
     (work / "artifacts").mkdir(parents=True, exist_ok=True)
     cmd = [str(BIN / "act"), event, "-W", workflow, "-P", "ubuntu-latest=-self-hosted", "--no-cache-server",
            *[arg for label in platforms for arg in ("-P", f"{label}=-self-hosted")],
            "--action-cache-path", str(work / "act-cache"), "--local-repository", f"swiftci/swiftci@v1={swiftci_repo or repo}"]
-    for ref, path in PINNED.items():
+    for ref, path in {**PINNED, **(stand_ins or {})}.items():
         cmd += ["--local-repository", f"{ref}={path}"]
     if event_json is not None:
         (work / "event.json").write_text(json.dumps(event_json))

@@ -1,4 +1,5 @@
-"""Stands for GitHub's REST API, the part `swiftci comment` uses: issue comments on a pull request.
+"""Stands for GitHub's REST API, the parts swiftci uses: issue comments on a pull request (`swiftci comment`), and
+for chat-ops comment reactions, a commenter's permission, a pull request's head and workflow dispatches.
 
 A real localhost HTTP server (pytest-httpserver) that keeps comments in memory, checks the bearer token, paginates
 like GitHub (Link header), and can be told to fail the next requests (5xx, 403, rate limits) to test retries.
@@ -16,6 +17,11 @@ from werkzeug import Request, Response
 
 LIST = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/issues/(?P<pr>\d+)/comments$")
 ONE = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/issues/comments/(?P<id>\d+)$")
+REACTIONS = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/issues/comments/(?P<id>\d+)/reactions$")
+PERMISSION = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/collaborators/(?P<login>[^/]+)/permission$")
+PULL = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/pulls/(?P<number>\d+)$")
+DISPATCH = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/actions/workflows/(?P<workflow>[^/]+)/dispatches$")
+REACTION_CONTENT = {"+1", "-1", "laugh", "confused", "heart", "hooray", "rocket", "eyes"}
 
 
 @dataclass
@@ -27,6 +33,11 @@ class FakeGitHub:
     page_size: int = 30
     next_id: int = 1000
     identity: dict = field(default_factory=lambda: {"login": "github-actions[bot]", "type": "Bot"})
+    permissions: dict[str, str] = field(default_factory=dict)  # login -> admin | write | read; others: read
+    heads: dict[int, str] = field(default_factory=dict)  # pull request number -> head sha
+    reactions: list[tuple[int, str]] = field(default_factory=list)  # (comment id, content)
+    dispatches: list[dict] = field(default_factory=list)  # {repo, workflow, ref, inputs}
+    legacy_dispatch: bool = False  # answer like a GitHub Enterprise Server without `return_run_details`
 
     def install(self, httpserver) -> str:
         httpserver.expect_request(re.compile(".*")).respond_with_handler(self.handle)
@@ -47,6 +58,8 @@ class FakeGitHub:
             if self.identity["type"] == "Bot":
                 return self._json({"message": "Resource not accessible by integration"}, 403)
             return self._json(self.identity, 200)
+        if answer := self._chatops(request):
+            return answer
         if m := LIST.match(request.path):
             pr = int(m["pr"])
             if request.method == "GET":
@@ -76,6 +89,35 @@ class FakeGitHub:
                 del self.comments[c["id"]]
                 return Response(status=204)
         return self._json({"message": "Not Found"}, 404)
+
+    def _chatops(self, request: Request) -> Response | None:
+        if (m := REACTIONS.match(request.path)) and request.method == "POST":
+            content = request.get_json()["content"]
+            if content not in REACTION_CONTENT:  # GitHub's own list: there is no ✅ or ❌
+                return self._json({"message": "Validation Failed"}, 422)
+            self.reactions.append((int(m["id"]), content))
+            return self._json({"id": len(self.reactions), "content": content}, 201)
+        if (m := PERMISSION.match(request.path)) and request.method == "GET":
+            return self._json({"permission": self.permissions.get(m["login"], "read"),
+                               "user": {"login": m["login"]}}, 200)
+        if (m := PULL.match(request.path)) and request.method == "GET":
+            sha = self.heads.get(int(m["number"]))
+            if sha is None:
+                return self._json({"message": "Not Found"}, 404)
+            return self._json({"number": int(m["number"]), "head": {"sha": sha}}, 200)
+        if (m := DISPATCH.match(request.path)) and request.method == "POST":
+            body = request.get_json()
+            if self.legacy_dispatch and "return_run_details" in body:
+                return self._json({"message": "Invalid request. \"return_run_details\" is not a permitted key."}, 422)
+            self.dispatches.append({"repo": m["repo"], "workflow": m["workflow"], "ref": body["ref"],
+                                    "inputs": body.get("inputs") or {}})
+            if not body.get("return_run_details"):
+                return Response(status=204)
+            run = 9000 + len(self.dispatches)
+            return self._json({"workflow_run_id": run,
+                               "run_url": f"{request.host_url}repos/{m['repo']}/actions/runs/{run}",
+                               "html_url": f"https://github.example/{m['repo']}/actions/runs/{run}"}, 200)
+        return None
 
     @staticmethod
     def _public(c: dict) -> dict:
