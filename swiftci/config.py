@@ -270,6 +270,17 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: ~30% slower, much less memory."
     )
+    packing: Literal["auto", "none", "padding_free"] = Field(
+        default="auto", description="How sft batches rows: `none` pads each batch to its longest row (rows of "
+        "similar length are batched together); `padding_free` concatenates the rows of a batch with their "
+        "boundaries in position_ids (no padding computed) — fast with an attention that takes those boundaries "
+        "(flash_attention_2/3, flex_attention), slower than padding with sdpa or eager, which need a dense mask "
+        "over the whole batch; `auto` picks padding_free for such an attention, else none. The report says which "
+        "was used and why. Preference methods pad their pairs (`none`).")
+    kernels: Literal["auto", "none", "liger"] = Field(
+        default="auto", description="Fused GPU kernels: `liger` patches the model with Liger's RMSNorm, RoPE, "
+        "SwiGLU and fused linear cross-entropy (transformers' `use_liger_kernel`; needs the liger-kernel package "
+        "and a CUDA GPU); `auto` uses liger when both are there, else none; `none` never.")
     save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
     logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
@@ -296,6 +307,9 @@ class TrainConfig(Section):
         if self.method in ("dpo", "kto") and getattr(self, self.method).reference == "sft":
             raise ValueError(f"{self.method}.reference: `sft` names the SFT step of a chain (train.then); "
                              "here use `base` or a model folder")
+        if self.packing == "padding_free" and self.method != "sft":
+            raise ValueError(f"packing: padding_free is for method sft; {self.method} pads its pairs — set "
+                             "train.packing: auto or none")
         return self
 
 

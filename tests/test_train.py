@@ -185,3 +185,41 @@ def test_a_loss_plot_that_cannot_be_drawn_costs_only_a_warning(tmp_path, monkeyp
     assert "could not draw the loss curve (OSError: disk full)" in capsys.readouterr().err
     monkeypatch.undo()
     assert train.plot_loss(tmp_path, "run") == tmp_path / "loss.png"
+
+
+def _short_run(tiny_model, work, **train):
+    cfg = tiny_config(tiny_model, work / "out", train={"max_steps": 3, "logging_steps": 1, "save_steps": 1000,
+                                                       "merge": False, **train})
+    proc = swiftci_in_process("train", "-c", str(write_config(work / "swiftci.yaml", cfg)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = read_json(work / "out/train/train_report.json")
+    losses = [json.loads(x)["loss"] for x in (work / "out/train/loss.jsonl").read_text().splitlines()]
+    return report, losses, proc
+
+
+def test_padding_free_batches_give_the_padded_loss(tiny_model, tmp_path):
+    """The same rows concatenated with their boundaries in position_ids (no padding) train to the same losses as
+    padded batches; on CPU, `auto` keeps padding and says why."""
+    padded, padded_losses, proc = _short_run(tiny_model, tmp_path / "auto")
+    flat, flat_losses, _ = _short_run(tiny_model, tmp_path / "flat", packing="padding_free")
+    assert len(padded_losses) == len(flat_losses) == 3
+    assert flat_losses == pytest.approx(padded_losses, abs=1e-5)
+    assert flat["metrics"]["tokens"] == padded["metrics"]["tokens"], "both count the rows' tokens, no padding"
+    assert padded["packing"]["used"] == "none" and "dense mask" in padded["packing"]["why"]
+    assert flat["packing"] == {"used": "padding_free", "why": flat["packing"]["why"]}
+    assert "train.packing: none (" in proc.stdout
+    assert padded["kernels"]["used"] == "none" and "liger-kernel" in padded["kernels"]["why"]
+
+
+def test_liger_where_it_cannot_run_stops_before_loading(tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, tmp_path / "out", train={"kernels": "liger"})
+    proc = swiftci_in_process("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
+    assert proc.returncode == 2
+    assert "train.kernels: liger cannot be used here" in proc.stderr and "train.kernels: auto" in proc.stderr
+    assert not (tmp_path / "out/train/train_report.json").exists()
+
+
+def test_padding_free_is_for_sft(tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, tmp_path / "out", train={"method": "dpo", "packing": "padding_free"})
+    proc = swiftci_in_process("validate", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))
+    assert proc.returncode == 2 and "train.packing" in proc.stderr and "padding_free is for method sft" in proc.stderr
