@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from swiftci import __version__
-from swiftci.errors import EXIT_STAGE_FAILED, ConfigError, SwiftCIError
+from swiftci.errors import EXIT_GATE_FAILED, EXIT_STAGE_FAILED, ConfigError, SwiftCIError
 from swiftci.stages import NAMES as STAGE_NAMES
 
 _LOCATED = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+): (?P<msg>.*)$")
@@ -325,9 +325,11 @@ def outputs(stage: str, config_path: str, overrides: tuple[str, ...], summary: b
 @click.option("--final/--in-progress", default=True, show_default=True,
               help="--in-progress shows configured stages without a report as pending (⏳) instead of skipped.")
 @click.option("--github-output", is_flag=True, help="Also write `action` and `comment-url` step outputs.")
+@click.option("--guard-against", "against", type=click.Path(file_okay=False, path_type=Path),
+              help="The last green run's output folder: adds the regression guard's table (see `swiftci guard`).")
 @_errors_to_exit_codes
 def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: str | None, final: bool,
-            github_output: bool) -> None:
+            github_output: bool, against: Path | None) -> None:
     """Create or update the one sticky pull-request comment with every stage's status and the eval table.
 
     Needs GITHUB_TOKEN in the environment. Outside a pull request it only writes the job summary.
@@ -336,7 +338,7 @@ def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: 
     from swiftci import ghactions
 
     cfg = _load(config_path, overrides)
-    posted = comment_stage.run(cfg, pr=pr, repo=repo, final=final)
+    posted = comment_stage.run(cfg, pr=pr, repo=repo, final=final, against=against)
     if posted.warning:
         click.echo(f"warning: {posted.warning}", err=True)
         ghactions.annotate("warning", posted.warning)
@@ -344,6 +346,25 @@ def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: 
                + f" (body: {cfg.output_path / 'comment.md'})")
     if github_output:
         ghactions.set_outputs({"action": posted.action, "comment-url": posted.url or ""})
+
+
+@main.command()
+@_config_options
+@click.option("--against", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The last green run's output folder (train/train_report.json, evaluate/eval_report.json), e.g. "
+                   "its model-store folder.")
+@click.option("--format", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True)
+@_errors_to_exit_codes
+def guard(config_path: str, overrides: tuple[str, ...], against: Path, fmt: str) -> None:
+    """Compare this run's tokens/s, peak memory, final loss and eval metrics with an earlier run's reports: ⚠️ beyond
+    the `guard:` limits; exit 1 when `guard.fail` is set and anything is flagged."""
+    from swiftci import guard as guard_stage
+
+    cfg = _load(config_path, overrides)
+    deltas = guard_stage.compare(cfg, against)
+    click.echo(json.dumps(guard_stage.as_json(cfg, deltas), indent=2) if fmt == "json" else guard_stage.markdown(deltas))
+    if guard_stage.failed(cfg, deltas):
+        sys.exit(EXIT_GATE_FAILED)
 
 
 from swiftci.commands.chatops import bot as _bot  # noqa: E402

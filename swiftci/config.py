@@ -731,6 +731,35 @@ class ChatopsBotConfig(Section):
         return self
 
 
+# --- guard -------------------------------------------------------------------------------------------------------
+
+_SIGNED_PCT = re.compile(r"^[+-]\d+(\.\d+)?%$")
+
+
+def _signed_pct(text: str) -> str:
+    if not _SIGNED_PCT.match(text):
+        raise ValueError(f"{text!r} is not a signed percentage; write e.g. \"-10%\" (a fall beyond 10 % is flagged) "
+                         "or \"+10%\" (a rise beyond 10 %)")
+    return text
+
+
+SignedPct = Annotated[str, AfterValidator(_signed_pct)]
+
+
+class GuardConfig(Section):
+    """The regression guard (`swiftci guard`, the sticky comment): this run against the last green run's reports."""
+
+    tokens_per_second: SignedPct = Field(default="-10%", description="Training tokens/s: a fall beyond this is "
+                                         "flagged ⚠️, e.g. `-10%`.")
+    peak_memory: SignedPct = Field(default="+10%", description="Training peak memory: a rise beyond this is flagged.")
+    final_loss: SignedPct = Field(default="+10%", description="The last logged training loss: a rise beyond this "
+                                  "is flagged.")
+    eval_metric: SignedPct = Field(default="-5%", description="Each eval metric: a change against its direction "
+                                   "beyond this is flagged (a fall, or a rise for lower-is-better metrics).")
+    fail: bool = Field(default=False, description="Exit 1 (`swiftci guard`) when anything is flagged; else the "
+                       "flags only warn.")
+
+
 class ChatopsConfig(Section):
     allow_set: list[Annotated[str, AfterValidator(_settable)]] = Field(
         default_factory=list,
@@ -918,6 +947,10 @@ class Config(Section):
     )
     notify: NotifyConfig | None = Field(
         default=None, description="Slack/Discord notifications. Unset: none."
+    )
+    guard: GuardConfig | None = Field(
+        default=None, description="Regression guard against the last green run on the default branch "
+        "(`swiftci guard --against DIR`, the sticky comment). Unset: the defaults, warnings only.",
     )
     chatops: ChatopsConfig | None = Field(
         default=None, description="Chat-ops: pull-request comment commands and the Slack/Discord bot (README, "
