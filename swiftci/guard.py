@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftci import stages
+from swiftci import reports, stages
 from swiftci.config import Config, GuardConfig
 from swiftci.errors import UsageError
 
@@ -46,8 +46,6 @@ def _beyond(before: float | None, after: float | None, limit: str) -> bool:
 
 
 def _report(folder: Path, stage: str) -> dict:
-    from swiftci import reports
-
     report = reports.read_json(folder / stage / stages.get(stage).report)
     return report if isinstance(report, dict) else {}
 

@@ -67,8 +67,9 @@ def check_runnable(cfg: Config) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UsageError("train.tuner: qlora needs bitsandbytes: pip install 'swiftci[train]'") from None
-    if tc.kernels == "liger" and kernels_choice(cfg).used != "liger":
-        raise UsageError(f"train.kernels: liger cannot be used here: {kernels_choice(cfg).why}; set "
+    kernels = kernels_choice(cfg) if tc.kernels == "liger" else None
+    if kernels is not None and kernels.used != "liger":
+        raise UsageError(f"train.kernels: liger cannot be used here: {kernels.why}; set "
                          "train.kernels: auto (liger where it can run) or none")
 
 
@@ -260,7 +261,7 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
     choices = {"packing": packing_choice(cfg, model), "kernels": kernels_choice(cfg)}
     for name, choice in choices.items():
         print(f"train.{name}: {choice.used} ({choice.why})", flush=True)
-    trainer, progress = _make_trainer(job, model, tokenizer, data, precision, stall)
+    trainer, progress = _make_trainer(job, model, tokenizer, data, precision, stall, choices["packing"])
     fit = _fit(trainer, job.last_checkpoint)
     if progress.out_of_time_at is not None:
         raise StageError(f"train.max_runtime ({tc.max_runtime}) reached at step {progress.out_of_time_at} of "
@@ -629,7 +630,7 @@ class _GroupedByLength:
 
 
 def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precision: str,
-                  stall: StallWatchdog) -> tuple[Any, Progress]:
+                  stall: StallWatchdog, packing: Choice) -> tuple[Any, Progress]:
     from transformers import PrinterCallback, Trainer, TrainerCallback
 
     tc = job.cfg.train
@@ -643,7 +644,7 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
         trainer.remove_callback(PrinterCallback)
         return trainer, progress
     trainer = trainer_class(model=model, args=_training_arguments(job.cfg, job.checkpoints, precision),
-                            train_dataset=data.train, data_collator=_collator(job.cfg, model, tokenizer),
+                            train_dataset=data.train, data_collator=_collator(packing, tokenizer),
                             processing_class=tokenizer, callbacks=[progress])
     trainer.swiftci_sampler = LengthGroupedSampler([len(x["input_ids"]) for x in data.train],
                                                    tc.batch_size * tc.gradient_accumulation, tc.seed)
@@ -651,8 +652,8 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
     return trainer, progress
 
 
-def _collator(cfg: Config, model: Any, tokenizer: Any) -> Any:
-    if packing_choice(cfg, model).used == "padding_free":
+def _collator(packing: Choice, tokenizer: Any) -> Any:
+    if packing.used == "padding_free":
         from transformers import DataCollatorWithFlattening
 
         # transformers builds the block-diagonal attention from position_ids only when no cache is passed: the
