@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TINY   := examples/tiny
 LOCK   := requirements.lock
-EXTRAS := train,eval,quantize,deploy,chatops,hub,dev
+EXTRAS := train,eval,quantize,deploy,distributed,chatops,hub,dev
 PYTEST := $(PY) -m pytest
 comma  := ,
 UV     := $(VENV)/bin/uv
@@ -30,16 +30,24 @@ $(UV):
 	awk '/^uv==/{p=1} p{print; if ($$0 !~ /\\$$/) exit}' $(LOCK) > $(VENV)/uv.lock.txt
 	$(PIP) install -q --require-hashes --no-deps -r $(VENV)/uv.lock.txt
 
+# deepspeed ships only its source, whose build imports torch: it is installed after the rest, from its own hashed
+# entry in the lock, without build isolation (else the build would fetch a CUDA torch), DS_BUILD_OPS=0 (its ops
+# compile on first use).
 $(STAMP): $(LOCK) pyproject.toml | $(UV)
-	$(UV) pip sync -q --python $(PY) --require-hashes $(TORCH_SOURCE) $(LOCK)
+	awk '/^deepspeed==/{d=1} d{print > "$(VENV)/lock-deepspeed.txt"; if ($$0 !~ /\\$$/) d=0; next} {print}' \
+	  $(LOCK) > $(VENV)/lock-rest.txt
+	$(UV) pip sync -q --python $(PY) --require-hashes $(TORCH_SOURCE) $(VENV)/lock-rest.txt
+	DS_BUILD_OPS=0 $(UV) pip install -q --python $(PY) --require-hashes --no-deps --no-build-isolation \
+	  -r $(VENV)/lock-deepspeed.txt
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	$(UV) pip check -q --python $(PY)
 	touch $(STAMP)
 
 # Refresh the lock from pyproject.toml's ranges (torch held at the CPU build by constraints.txt), then reinstall.
 lock: | $(UV)
-	$(UV) pip compile pyproject.toml --extra $(subst $(comma), --extra ,$(EXTRAS)) --generate-hashes \
-	  --python-version 3.11 -c constraints.txt $(TORCH_SOURCE) --no-header --quiet -o $(LOCK)
+	DS_BUILD_OPS=0 $(UV) pip compile pyproject.toml --extra $(subst $(comma), --extra ,$(EXTRAS)) --generate-hashes \
+	  --python-version 3.11 -c constraints.txt $(TORCH_SOURCE) --no-header --quiet \
+	  --no-build-isolation-package deepspeed -o $(LOCK)
 	rm -f $(STAMP)
 	$(MAKE) setup
 
@@ -77,7 +85,9 @@ CANONICAL := awk -F'==' '{n=tolower($$1); gsub(/[-_.]+/, "-", n); print n "==" $
 test-latest: system-deps $(TINY)/base-model/config.json
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/python -m pip install -q --upgrade -c constraints.txt -e '.[$(EXTRAS)]'
+	$(LATEST)/bin/python -m pip install -q --upgrade -c constraints.txt -e '.[$(subst distributed$(comma),,$(EXTRAS))]'
+	DS_BUILD_OPS=0 $(LATEST)/bin/python -m pip install -q --upgrade -c constraints.txt --no-build-isolation \
+	  -e '.[distributed]'
 	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -v "^pip==" | $(CANONICAL) > $(LATEST)/versions.txt
 	grep -E '^[A-Za-z0-9]' $(LOCK) | sed 's/ .*//' | $(CANONICAL) > $(LATEST)/locked.txt
 	@echo "== what moved against $(LOCK) (< locked, > newest):"; \
