@@ -108,7 +108,7 @@ gpu-check:
 	python3 tools/gpu_check.py
 
 bench: setup
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	$(PY) tools/bench_table.py --out $(TINY)/out/bench.md
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TINY)/base-model $(TINY)/out .pytest_cache

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from _result import result  # one RESULT line per figure, for `make bench`
+
 
 def wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
@@ -41,6 +43,7 @@ def main() -> None:
     print(f"swiftci --help        {o * 1000:7.1f} ms (median of {args.runs})")
     print(f"python -c 'import click' {b * 1000:4.1f} ms")
     print(f"ratio {o / b:.2f}   (goal <= 1.5)")
+    result("cli_startup", "swiftci --help / python -c 'import click' (wall time)", o / b, "<= 1.5")
 
 
 if __name__ == "__main__":

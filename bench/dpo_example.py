@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from _result import result  # one RESULT line per figure, for `make bench`
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples/tiny"
 SWIFTCI = [sys.executable, "-m", "swiftci"]
@@ -73,6 +75,8 @@ def main() -> None:
         print(f"| {name} | {value:.2f} |")
     print(f"\nheld-out preference accuracy of the dpo step: {accuracy:.3f} (bar: > 0.9)")
     print(f"dpo / sft exact match: {rows[1][1] / max(rows[0][1], 1e-9):.2f} (bar: > 1.0)")
+    result("dpo_example", "held-out preference accuracy of the dpo step", accuracy, "> 0.9")
+    result("dpo_example", "dpo / sft held-out exact match", rows[1][1] / max(rows[0][1], 1e-9), "> 1.0")
 
 
 if __name__ == "__main__":

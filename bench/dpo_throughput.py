@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from _result import result  # one RESULT line per figure, for `make bench`
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples/tiny/base-model"
 BATCH, MAX_LENGTH, LR = 16, 128, 1e-3
@@ -79,6 +81,7 @@ def main() -> None:
         ratio = statistics.median(o / b for o, b in zip(ours, base))
         print(f"dpo (lora): swiftci {statistics.median(ours):,.0f} tok/s, trl DPOTrainer "
               f"{statistics.median(base):,.0f} tok/s, ratio {ratio:.2f} (median of {args.repeats}; goal >= 1.0)")
+        result("dpo_throughput", "dpo lora tokens/s, swiftci / trl DPOTrainer", ratio, ">= 1.0")
 
 
 if __name__ == "__main__":

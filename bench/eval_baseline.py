@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from _result import result  # one RESULT line per figure, for `make bench`
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples/tiny"
 CONFIG = TINY / "swiftci.yaml"
@@ -67,9 +69,13 @@ def main() -> None:
     print(f"swiftci evaluate, baseline: base      {med['ours_base']:6.1f} s")
     print(f"two lm-eval CLI runs (base, candidate) {med['two_cli']:6.1f} s")
     print(f"ratio {med['ours_base'] / med['two_cli']:.2f}   (goal <= 0.67)")
+    result("eval_baseline", "evaluate with baseline: base / two lm-eval CLI runs (wall time)",
+           med["ours_base"] / med["two_cli"], "<= 0.67")
     print(f"swiftci evaluate, baseline: none      {med['ours_none']:6.1f} s")
     print(f"raw simple_evaluate                    {med['raw']:6.1f} s")
     print(f"ratio {med['ours_none'] / med['raw']:.2f}   (goal <= 1.05)")
+    result("eval_baseline", "evaluate with baseline: none / raw simple_evaluate (wall time)",
+           med["ours_none"] / med["raw"], "<= 1.05")
     print(f"raw simple_evaluate, local task index  {med['raw_local']:6.1f} s   "
           f"(ratio {med['ours_none'] / med['raw_local']:.2f}: what swiftci adds over lm-eval's fastest setup)")
     print(f"(median of {args.repeats} runs each)")

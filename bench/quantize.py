@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from _result import result  # one RESULT line per figure, for `make bench`
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples/tiny/swiftci.yaml"
 BIN = Path(sys.executable).parent
@@ -36,6 +38,9 @@ def main() -> None:
         m = json.loads((ROOT / "examples/tiny/out/quantize/quantize_report.json").read_text())["metrics"]
         print(f"{method:6} {m['size_ratio']:18.3f} {m['perplexity_after'] / m['perplexity_before']:24.4f} "
               f"{wall:7.1f} {m['quantize_seconds']:10.1f}")
+        result("quantize", f"{method} size after / before", m["size_ratio"], None)
+        result("quantize", f"{method} held-out perplexity after / before",
+               m["perplexity_after"] / m["perplexity_before"], None)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from _result import result  # one RESULT line per figure, for `make bench`
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples/tiny/base-model"
 BATCH, MAX_LENGTH, LR = 16, 512, 1e-3
@@ -87,6 +89,8 @@ def main() -> None:
                 best = max(SETUPS, key=lambda s: med[s])
                 print(f"{name:9} {tuner:5} {med['swiftci']:8.0f} " + " ".join(f"{med[s]:15.0f}" for s in SETUPS)
                       + f"  {med['swiftci'] / med[best]:.2f} (best: {best}; goal >= 1.0)")
+                result("train_throughput", f"{tuner} on {name}-length rows: tokens/s, swiftci / best Trainer "
+                       f"({best}, {med[best]:,.0f})", med["swiftci"] / med[best], ">= 1.0")
 
 
 if __name__ == "__main__":

@@ -367,6 +367,31 @@ def guard(config_path: str, overrides: tuple[str, ...], against: Path, fmt: str)
         sys.exit(EXIT_GATE_FAILED)
 
 
+@main.command("last-green")
+@_config_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for that run's reports, laid out like an output folder, e.g. .swiftci-last-green.")
+@click.option("--branch", help="Branch whose green runs count. Default: the repository's default branch.")
+@click.option("--github-output", is_flag=True, help="Also write `found`, `run-id` and `head-sha` step outputs.")
+@_errors_to_exit_codes
+def last_green(config_path: str, overrides: tuple[str, ...], out: Path, branch: str | None,
+               github_output: bool) -> None:
+    """Fetch the reports of the last green run on the default branch (GitHub's API, with GITHUB_TOKEN and
+    `actions: read`) for `swiftci guard --against` and the comment. Exit 0 also when there is none yet."""
+    from swiftci import ghactions, lastgreen
+
+    cfg = _load(config_path, overrides)
+    found = lastgreen.from_environment(out, cfg.name, branch=branch)
+    if found is None:
+        click.echo(f"no green run of {cfg.name!r} on the default branch yet: nothing to compare with")
+    else:
+        click.echo(f"last green run {found.run_id} ({found.head_sha[:7]}): "
+                   + ", ".join(a["stage"] for a in found.artifacts) + f" reports in {out}")
+    if github_output:
+        ghactions.set_outputs({"found": str(found is not None).lower(),
+                               "run-id": str(found.run_id) if found else "", "head-sha": found.head_sha if found else ""})
+
+
 from swiftci.commands.chatops import bot as _bot  # noqa: E402
 from swiftci.commands.chatops import chatops as _chatops  # noqa: E402
 

@@ -76,3 +76,99 @@ def test_bad_guard_settings_and_folders(two_runs, tmp_path):
     empty.mkdir()
     proc = swiftci_in_process("guard", "-c", str(cfg), "--against", str(empty))
     assert proc.returncode == 2 and "holds no train/ or evaluate/ reports" in proc.stderr
+
+
+# --- the last green run, fetched from GitHub's API (tests/fakes/github_api.py) -------------------------------------
+
+TOKEN = "ghs_fake_token_for_tests_0123456789"
+
+
+@pytest.fixture
+def github(httpserver, monkeypatch):
+    from fakes.github_api import FakeGitHub
+
+    fake = FakeGitHub(token=TOKEN)
+    for key, value in {"GITHUB_API_URL": fake.install(httpserver), "GITHUB_TOKEN": TOKEN,
+                       "GITHUB_REPOSITORY": "acme/model-repo", "GITHUB_RUN_ID": "900"}.items():
+        monkeypatch.setenv(key, value)
+    return fake
+
+
+def _reports_of(folder, stage) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (folder / stage).iterdir() if p.suffix in (".json", ".md")}
+
+
+def test_the_last_green_runs_reports_are_fetched_verified_and_guarded_against(two_runs, github, tmp_path):
+    cfg, green = two_runs
+    name = "tiny-reverse"
+    github.add_run(700, created_at="2026-12-01T08:00:00Z")  # older green run: not the newest
+    github.add_artifact(700, f"swiftci-reports-train-{name}-sft-20261201-aaaaaaa", {"train_report.json": b"{}"})
+    github.add_run(710, created_at="2026-12-01T09:00:00Z")
+    github.add_artifact(710, f"swiftci-reports-train-{name}-sft-20261201-bbbbbbb", _reports_of(green, "train"))
+    github.add_artifact(710, f"swiftci-reports-evaluate-{name}-sft-20261201-bbbbbbb", _reports_of(green, "evaluate"))
+    github.add_artifact(710, f"swiftci-train-{name}-sft-20261201-bbbbbbb", {"model.safetensors": b"weights"})
+    github.add_run(720, created_at="2026-12-01T10:00:00Z")  # newer, but another config's run
+    github.add_artifact(720, "swiftci-reports-train-other-bot-sft-20261201-ccccccc", {"train_report.json": b"{}"})
+    github.add_run(730, created_at="2026-12-01T11:00:00Z", conclusion="failure")  # red
+    github.add_artifact(730, f"swiftci-reports-train-{name}-sft-20261201-ddddddd", {"train_report.json": b"{}"})
+    github.add_run(740, created_at="2026-12-01T12:00:00Z", event="pull_request", branch="feat/x")  # not main
+    github.add_artifact(740, f"swiftci-reports-train-{name}-sft-20261201-eeeeeee", {"train_report.json": b"{}"})
+
+    out = tmp_path / "last-green"
+    proc = swiftci_in_process("last-green", "-c", str(cfg), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "last green run 710" in proc.stdout
+    record = read_json(out / "last_green.json")
+    assert record["run_id"] == 710 and record["branch"] == "main"
+    assert sorted(a["stage"] for a in record["artifacts"]) == ["evaluate", "train"]
+    assert not (out / "train/model.safetensors").exists()  # reports only, never weights
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
+        n for n in _reports_of(green, "train") if n.endswith(".json"))
+
+    guarded = swiftci_in_process("guard", "-c", str(cfg), "--against", str(out), "--format", "json")
+    assert guarded.returncode == 0, guarded.stderr
+    deltas = {d["name"]: d for d in json.loads(guarded.stdout)["deltas"]}
+    assert deltas["train tokens/s"]["flagged"] and deltas["train tokens/s"]["change_pct"] == pytest.approx(-20)
+
+
+@pytest.fixture
+def light(tiny_model, tmp_path):
+    from conftest import tiny_config, write_config
+
+    return write_config(tmp_path / "swiftci.yaml", tiny_config(tiny_model, tmp_path / "out"))
+
+
+def test_a_tampered_or_unsafe_artifact_is_refused_and_the_folder_left_as_it_was(light, github, tmp_path):
+    out = tmp_path / "last-green"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier fetch")
+    github.add_run(710)
+    aid = github.add_artifact(710, "swiftci-reports-train-tiny-reverse-sft-1-b", {"train_report.json": b"{}"})
+    github.artifacts[aid]["digest"] = "sha256:" + "0" * 64  # bytes changed after upload
+    proc = swiftci_in_process("last-green", "-c", str(light), "--out", str(out))
+    assert proc.returncode == 3 and "do not match the digest" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    github.artifacts[aid]["digest"] = None  # an artifact from before digests: cannot be verified
+    proc = swiftci_in_process("last-green", "-c", str(light), "--out", str(out))
+    assert proc.returncode == 3 and "cannot be verified" in proc.stderr
+
+    github.artifacts.clear()
+    github.add_artifact(710, "swiftci-reports-train-tiny-reverse-sft-1-b", {"../../escape.json": b"{}"})
+    proc = swiftci_in_process("last-green", "-c", str(light), "--out", str(out))
+    assert proc.returncode == 3 and "outside its folder" in proc.stderr
+    assert not (tmp_path / "escape.json").exists() and [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_no_green_run_yet_is_not_an_error_and_this_run_is_never_its_own_baseline(light, github, tmp_path,
+                                                                                 monkeypatch):
+    github.add_run(900)  # this very run (GITHUB_RUN_ID), already marked green by a re-run
+    github.add_artifact(900, "swiftci-reports-train-tiny-reverse-sft-1-b", {"train_report.json": b"{}"})
+    proc = swiftci_in_process("last-green", "-c", str(light), "--out", str(tmp_path / "lg"), "--github-output")
+    assert proc.returncode == 0, proc.stderr
+    assert "no green run of 'tiny-reverse'" in proc.stdout and "found=false" in proc.stdout.splitlines()
+    assert not (tmp_path / "lg").exists()
+
+    monkeypatch.delenv("GITHUB_TOKEN")
+    proc = swiftci_in_process("last-green", "-c", str(light), "--out", str(tmp_path / "lg"))
+    assert proc.returncode == 2 and "GITHUB_TOKEN" in proc.stderr and "actions: read" in proc.stderr

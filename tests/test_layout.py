@@ -92,3 +92,28 @@ def test_no_function_is_longer_than_it_can_be_read():
                 if lines >= LONGEST_FUNCTION:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_every_bench_script_reports_its_figures_to_make_bench():
+    """`make bench` prints one table from the `RESULT` lines (bench/_result.py); a script without one would be run
+    and then missing from the table."""
+    silent = [p.name for p in sorted((ROOT / "bench").glob("*.py"))
+              if not p.name.startswith("_") and "result(" not in p.read_text()]
+    assert not silent, f"bench scripts that report no figure to `make bench`: {silent}"
+
+
+def test_the_bench_table_marks_goals_met_and_missed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_table", ROOT / "tools/bench_table.py")
+    bench_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_table)
+    text = bench_table.table([
+        {"bench": "a", "measure": "speed ratio", "value": 1.04, "goal": ">= 1.0"},
+        {"bench": "a", "measure": "start-up ratio", "value": 1.7, "goal": "<= 1.5"},
+        {"bench": "b", "measure": "perplexity ratio", "value": 0.99, "goal": None},
+        {"bench": "c", "measure": "(the script failed)", "value": "exit 1", "goal": None, "met": "NO"}])
+    assert text.splitlines()[2:] == ["| a | speed ratio | 1.04 | >= 1.0 | yes |",
+                                     "| a | start-up ratio | 1.7 | <= 1.5 | NO |",
+                                     "| b | perplexity ratio | 0.99 |  |  |",
+                                     "| c | (the script failed) | exit 1 |  | NO |"]

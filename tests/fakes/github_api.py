@@ -1,5 +1,7 @@
 """Stands for GitHub's REST API, the parts swiftci uses: issue comments on a pull request (`swiftci comment`), and
-for chat-ops comment reactions, a commenter's permission, a pull request's head and workflow dispatches.
+for chat-ops comment reactions, a commenter's permission, a pull request's head and workflow dispatches, and for
+`swiftci last-green` the repository, workflow runs, their artifacts (with GitHub's sha256 digest) and the artifact
+zip, served as GitHub does: a 302 to a storage URL that wants no token.
 
 A real localhost HTTP server (pytest-httpserver) that keeps comments in memory, checks the bearer token, paginates
 like GitHub (Link header), and can be told to fail the next requests (5xx, 403, rate limits) to test retries.
@@ -20,6 +22,11 @@ ONE = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/issues/comments/(?P<id>\d+)$")
 REACTIONS = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/issues/comments/(?P<id>\d+)/reactions$")
 PERMISSION = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/collaborators/(?P<login>[^/]+)/permission$")
 PULL = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/pulls/(?P<number>\d+)$")
+REPO = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)$")
+RUNS = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/actions/runs$")
+RUN_ARTIFACTS = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/actions/runs/(?P<run>\d+)/artifacts$")
+ARTIFACT_ZIP = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/actions/artifacts/(?P<id>\d+)/zip$")
+BLOB = re.compile(r"^/_blob/(?P<id>\d+)$")
 DISPATCH = re.compile(r"^/repos/(?P<repo>[^/]+/[^/]+)/actions/workflows/(?P<workflow>[^/]+)/dispatches$")
 REACTION_CONTENT = {"+1", "-1", "laugh", "confused", "heart", "hooray", "rocket", "eyes"}
 
@@ -38,6 +45,32 @@ class FakeGitHub:
     reactions: list[tuple[int, str]] = field(default_factory=list)  # (comment id, content)
     dispatches: list[dict] = field(default_factory=list)  # {repo, workflow, ref, inputs}
     legacy_dispatch: bool = False  # answer like a GitHub Enterprise Server without `return_run_details`
+    default_branch: str = "main"
+    runs: list[dict] = field(default_factory=list)  # {id, head_sha, head_branch, event, status, conclusion, created_at}
+    artifacts: dict[int, dict] = field(default_factory=dict)  # id -> {run, name, zip: bytes, digest, expired}
+
+    def add_run(self, run_id: int, *, branch: str = "main", event: str = "push", conclusion: str = "success",
+                created_at: str = "2026-12-01T10:00:00Z", head_sha: str | None = None) -> None:
+        self.runs.append({"id": run_id, "head_sha": head_sha or f"{run_id:040x}", "head_branch": branch,
+                          "event": event, "status": "completed", "conclusion": conclusion, "created_at": created_at,
+                          "html_url": f"https://github.example/o/r/actions/runs/{run_id}"})
+
+    def add_artifact(self, run_id: int, name: str, files: dict[str, bytes], *, digest: str | None = "auto",
+                     expired: bool = False) -> int:
+        """A zip of `files`; digest "auto" is the zip's real sha256 (what upload-artifact v4.4+ records)."""
+        import hashlib
+        import io
+        import zipfile
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for member, body in files.items():
+                z.writestr(member, body)
+        data = buf.getvalue()
+        aid = 5000 + len(self.artifacts)
+        self.artifacts[aid] = {"run": run_id, "name": name, "zip": data, "expired": expired,
+                               "digest": f"sha256:{hashlib.sha256(data).hexdigest()}" if digest == "auto" else digest}
+        return aid
 
     def install(self, httpserver) -> str:
         httpserver.expect_request(re.compile(".*")).respond_with_handler(self.handle)
@@ -52,6 +85,10 @@ class FakeGitHub:
             status, headers = self.fail_next.pop(0)
             return Response(json.dumps({"message": "injected failure"}), status=status, headers=headers,
                             content_type="application/json")
+        if m := BLOB.match(request.path):  # the storage behind the 302: a signed URL, no token wanted
+            if "Authorization" in request.headers:
+                return self._json({"message": "token sent to storage"}, 400)
+            return Response(self.artifacts[int(m["id"])]["zip"], status=200, content_type="application/zip")
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._json({"message": "Bad credentials"}, 401)
         if request.path == "/user":
@@ -59,6 +96,8 @@ class FakeGitHub:
                 return self._json({"message": "Resource not accessible by integration"}, 403)
             return self._json(self.identity, 200)
         if answer := self._chatops(request):
+            return answer
+        if answer := self._runs(request):
             return answer
         if m := LIST.match(request.path):
             pr = int(m["pr"])
@@ -117,6 +156,36 @@ class FakeGitHub:
             return self._json({"workflow_run_id": run,
                                "run_url": f"{request.host_url}repos/{m['repo']}/actions/runs/{run}",
                                "html_url": f"https://github.example/{m['repo']}/actions/runs/{run}"}, 200)
+        return None
+
+    def _runs(self, request: Request) -> Response | None:
+        if request.method != "GET":
+            return None
+        if REPO.match(request.path):
+            return self._json({"full_name": REPO.match(request.path)["repo"], "default_branch": self.default_branch},
+                              200)
+        if RUNS.match(request.path):
+            a = request.args
+            runs = [r for r in self.runs
+                    if (not a.get("branch") or r["head_branch"] == a["branch"])
+                    and (not a.get("event") or r["event"] == a["event"])
+                    and (not a.get("status") or a["status"] in (r["status"], r["conclusion"]))]
+            runs.sort(key=lambda r: r["created_at"], reverse=True)  # newest first, as GitHub lists them
+            runs = runs[: int(a.get("per_page", 30))]
+            return self._json({"total_count": len(runs), "workflow_runs": runs}, 200)
+        if m := RUN_ARTIFACTS.match(request.path):
+            listed = [{"id": aid, "name": x["name"], "size_in_bytes": len(x["zip"]), "expired": x["expired"],
+                       "digest": x["digest"],
+                       "archive_download_url": f"{request.host_url}repos/{m['repo']}/actions/artifacts/{aid}/zip"}
+                      for aid, x in self.artifacts.items() if x["run"] == int(m["run"])]
+            return self._json({"total_count": len(listed), "artifacts": listed}, 200)
+        if m := ARTIFACT_ZIP.match(request.path):
+            if int(m["id"]) not in self.artifacts:
+                return self._json({"message": "Not Found"}, 404)
+            # another host name for the same server, as GitHub's storage is another host: clients drop the token
+            host = request.host.replace("localhost", "127.0.0.1") if "localhost" in request.host \
+                else request.host.replace("127.0.0.1", "localhost")
+            return Response(status=302, headers={"Location": f"http://{host}/_blob/{m['id']}"})
         return None
 
     @staticmethod
