@@ -13,7 +13,8 @@ Every node runs `torchrun --module swiftci train -c <config on the volume> --on 
 stage, one process per GPU, rank 0 writing the model, run.json and train_report.json into the output folder on the
 model-store volume. Here, `<output_dir>/train/` gets the manifest that was submitted (`trainjob.yaml` or
 `pytorchjob.yaml`) and a train_report.json that says the launcher, the job, its final status and where on the
-volume the model and the job's own report lie; `--dry-run` writes the manifest only and calls no API.
+volume the model and the job's own report lie (when this machine mounts the volume where the pods do, the folders
+are one and the job's own report stays the stage's); `--dry-run` writes the manifest only and calls no API.
 
 Exit codes are a local run's: 0 when the job completes, 3 when it fails (with its condition's message), cannot
 start, or is not done within `train.kubernetes.timeouts.follow_seconds`, 4 when rank 0 stopped on divergence.
@@ -451,7 +452,8 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     if outcome.status != "ok":
         error = StageError(f"{api.kind} {ns}/{name} failed: {outcome.reason}: {outcome.message}".rstrip(": "),
                            kind="JobFailed", hint=f"read rank 0's log above and the job's report on the volume "
-                           f"({remote_stage_dir(cfg)}/{stages.TRAIN.report})")
+                           f"({remote_stage_dir(cfg)}/{stages.TRAIN.report}); a rerun of the same commit and config "
+                           f"follows this same job: to train again, `kubectl delete {api.plural} -n {ns} {name}`")
         if outcome.exit_code == EXIT_DIVERGED:  # the training stopped on a NaN/exploding loss, as a local run would
             error.exit_code, error.kind = EXIT_DIVERGED, "Diverged"
         raise _fail(cfg, run_id, job, started, error)
@@ -483,6 +485,10 @@ def _fail(cfg: Config, run_id: str, job: dict, started: float, e: StageError) ->
 
 
 def _write(cfg: Config, report: dict) -> None:
+    """The launcher's report in the local stage folder — unless that folder is the job's own (a runner that mounts
+    the model store where the pods do): there the job's report, with the model's file record, is the stage's."""
+    if str(cfg.stage_dir("train").resolve()) == remote_stage_dir(cfg):
+        return
     reports.write_json(stages.report_path(cfg, "train"), report)
     reports.write_text(stages.markdown_path(cfg, "train"), markdown(report))
 

@@ -1,13 +1,16 @@
 """Stands for a Kubernetes API server (no real one can run on our machines), for the deploy tests.
 
-A threaded HTTP server speaking the part of the API that `swiftci deploy` and the official `kubernetes` client use:
-namespaced Deployments, Services, PodDisruptionBudgets and Pods; GET, list (labelSelector, fieldSelector on
+A threaded HTTP server speaking the part of the API that `swiftci deploy`, `swiftci train --on kubernetes` and the
+official `kubernetes` client use: namespaced Deployments, Services, PodDisruptionBudgets, Pods (and their logs,
+`follow=true` streaming until the pod ends), Kubeflow Trainer v2 TrainJobs and training-operator PyTorchJobs; GET, list (labelSelector, fieldSelector on
 metadata.name), watch (?watch=true with timeoutSeconds), server-side apply (PATCH application/apply-patch+yaml,
 which creates missing objects), merge PATCH, PATCH on /status, DELETE; uid, resourceVersion and generation
 bookkeeping (generation moves only when the spec changes); `fail()` injects error answers.
 
 It runs no controllers: a test passes `controller`, a function called after every Deployment write, to play the
-Deployment controller and the kubelet (set .status, create pods with container states).
+Deployment controller and the kubelet (set .status, create pods with container states), and `job_controller`, called
+after a TrainJob or PyTorchJob is created, to play the training engine (`TrainingController`: pods labelled as JobSet
+or the training operator label them, log lines, then Complete/Succeeded or Failed conditions).
 
 Why not kmock (evaluated first, v0.8): its Kubernetes emulator returns 404 for a server-side apply that creates an
 object, does not route PUT, ignores labelSelector and timeoutSeconds (a watch with a timeout never ends) and drops
@@ -395,7 +398,8 @@ RANK0_LABELS = {  # what the engines put on a job's pods (JobSet and the Job con
 class TrainingController:
     """Plays Kubeflow Trainer v2 (or the training operator) and the kubelet for a submitted job: one pod per node,
     each writing its log lines, then the job's end as the engine reports it — `outcome` `succeeded`, `failed`
-    (rank 0 exits `exit_code`, the job gets a Failed condition with `message`) or `hang` (runs forever)."""
+    (rank 0 exits `exit_code`, the job gets a Failed condition with `message`), `hang` (runs forever) or
+    `cannot_start` (the pods wait in ImagePullBackOff, as the engines leave them)."""
 
     def __init__(self, outcome: str = "succeeded", *, lines: int = 5, message: str = "", exit_code: int = 1,
                  nodes: int = 2):
@@ -406,11 +410,17 @@ class TrainingController:
         container = "node" if plural == "trainjobs" else "pytorch"
         time.sleep(0.2)
         pods = [f"{name}-node-0-{rank}" for rank in range(self.nodes)]
-        for rank, pod in enumerate(pods):
+        for rank, pod in reversed(list(enumerate(pods))):  # pods start in no particular order: rank 0 is not first
             api.put("pods", {"metadata": {"name": pod, "namespace": ns, "labels": RANK0_LABELS[plural](name, rank)},
                              "spec": {"containers": [{"name": container}]},
                              "status": {"phase": "Running", "containerStatuses": [self._container(container, {
                                  "running": {"startedAt": "2026-12-03T00:00:00Z"}})]}})
+        if self.outcome == "cannot_start":  # an image that cannot be pulled: the pods wait, the job never ends
+            for pod in pods:
+                api.put("pods", {"metadata": {"name": pod, "namespace": ns}, "status": {
+                    "phase": "Pending", "containerStatuses": [self._container(container, {"waiting": {
+                        "reason": "ImagePullBackOff", "message": "Back-off pulling image"}})]}}, status_only=True)
+            return
         running = "Running" if plural == "pytorchjobs" else "Created"
         self._condition(api, plural, ns, name, running, "JobRunning", "the job is running")
         for step in range(1, self.lines + 1):
