@@ -202,3 +202,53 @@ def test_dry_run_needs_the_kubernetes_launcher(tmp_path, tiny_model, kube):
     proc = train(cfg, kube, "--on", "local", "--dry-run")
     assert proc.returncode == 2
     assert "--dry-run renders the cluster job; add --on kubernetes" in proc.stderr
+
+
+def train_step(tmp_path: Path, **env: str):
+    """The Train step of actions/train as a composite action runs it (bash -eo pipefail), with a stand-in `swiftci`
+    that records its arguments and the kubeconfig it was given."""
+    import os
+    import stat
+    import subprocess
+
+    from conftest import ROOT
+
+    action = yaml.safe_load((ROOT / "actions" / "train" / "action.yml").read_text())
+    step = next(s for s in action["runs"]["steps"] if s.get("id") == "run")
+    (tmp_path / "bin").mkdir()
+    stub = tmp_path / "bin" / "swiftci"
+    stub.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$RUNNER_TEMP/args"\n'
+                    'cp "$KUBECONFIG" "$RUNNER_TEMP/seen-kubeconfig"\nstat -c %a "$KUBECONFIG" > "$RUNNER_TEMP/mode"\n'
+                    'echo "$KUBECONFIG" > "$RUNNER_TEMP/path"\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "runner").mkdir()
+    full = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "GITHUB_ACTION_PATH": str(ROOT / "actions" / "train"),
+            "GITHUB_OUTPUT": str(tmp_path / "output"), "RUNNER_TEMP": str(tmp_path / "runner"),
+            "SWIFTCI_CONFIG": "swiftci.yaml", "SWIFTCI_SET": "", "SWIFTCI_OUTPUT_DIR": "", "SWIFTCI_RESUME": "false",
+            **env}
+    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], env=full,
+                          capture_output=True, text=True, cwd=tmp_path)
+    runner = tmp_path / "runner"
+    return proc, runner
+
+
+def test_the_train_action_hands_a_kubeconfig_secret_over_masked_in_a_private_file(tmp_path):
+    secret = "apiVersion: v1\nusers:\n- name: ci\n  user:\n    token: sk-cluster-token-5f4e3d\n"
+    proc, runner = train_step(tmp_path, SWIFTCI_LAUNCHER="kubernetes", KUBECONFIG_DATA=secret)
+    assert proc.returncode == 0, proc.stderr
+    assert runner.joinpath("args").read_text().split("\n")[:4] == ["train", "-c", "swiftci.yaml", "--on"]
+    assert "kubernetes" in runner.joinpath("args").read_text().split("\n")
+    assert runner.joinpath("seen-kubeconfig").read_text().rstrip("\n") == secret.rstrip("\n")
+    assert runner.joinpath("mode").read_text().strip() == "600"
+    assert "::add-mask::    token: sk-cluster-token-5f4e3d" in proc.stdout
+    assert not Path(runner.joinpath("path").read_text().strip()).exists()  # removed when the step ends
+
+
+def test_the_train_action_takes_a_kubeconfig_path_as_it_is(tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\n")
+    proc, runner = train_step(tmp_path, SWIFTCI_LAUNCHER="", KUBECONFIG_DATA=str(kubeconfig))
+    assert proc.returncode == 0, proc.stderr
+    assert runner.joinpath("path").read_text().strip() == str(kubeconfig)
+    assert "--on" not in runner.joinpath("args").read_text().split("\n")
+    assert "::add-mask::" not in proc.stdout
