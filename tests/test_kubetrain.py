@@ -123,6 +123,11 @@ def test_submit_and_follow_to_success(tmp_path, tiny_model, kube):
     assert kube.get("trainjobs", "training", name)["spec"] == submitted["spec"]
     assert [r[:2] for r in kube.requests if r[0] == "POST"] == [
         ("POST", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/training/trainjobs")]
+    # the finish notification names the job, and claims no loss it did not see
+    from swiftci.notify import finish_message
+
+    fields = dict(finish_message(config.load(cfg), {"train": report}).fields)
+    assert fields["job"] == f"TrainJob training/{name}" and "loss" not in fields
     # a later stage on this machine is told where the model is
     with pytest.raises(StageError, match="volume model-store at /workspace/tiny/out/train"):
         stages.produced(config.load(cfg), "train")
