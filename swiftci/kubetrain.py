@@ -30,6 +30,8 @@ import posixpath
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ CRDS = Path(__file__).parent / "crds"
 MANAGER = "swiftci"  # the runtime patch's owner, and the jobs' managed-by label
 CONTAINER = {"trainjob": "node", "pytorchjob": "pytorch"}  # the container each engine runs the trainer in
 POLL_SECONDS = 1.0
+UNREACHABLE_SECONDS = 300  # how long a followed job may go without an answer from the API server
 # a rank-0 pod waiting for one of these will not start by itself: the job fails now rather than at the timeout
 STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError"}
@@ -289,24 +292,42 @@ class Cluster:
             time.sleep(1)
 
     def job(self, api: Api, ns: str, name: str) -> dict:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
+        with _transient():
             return self.custom.get_namespaced_custom_object(api.group, api.version, ns, api.plural, name,
                                                             _request_timeout=30)
-        except ApiException as e:
-            if e.status == 404:
-                raise StageError(f"{api.kind} {ns}/{name} disappeared while it was followed (deleted?)") from None
-            raise StageError(_api_problem(e, api, ns)) from None
 
     def rank0_pod(self, api: Api, ns: str, name: str) -> dict | None:
         selector = {api.job_label: name, **dict(api.rank0)}
-        resp = self.core.list_namespaced_pod(ns, label_selector=",".join(f"{k}={v}" for k, v in selector.items()),
-                                             _request_timeout=30, _preload_content=False)
+        with _transient():
+            resp = self.core.list_namespaced_pod(ns, label_selector=",".join(f"{k}={v}" for k, v in selector.items()),
+                                                 _request_timeout=30, _preload_content=False)
         items = json.loads(resp.data).get("items") or []  # as the server sent them: we read a few status fields
         # a selector the server ignored must not make us read someone else's pod
         items = [p for p in items if all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
         return max(items, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+
+
+class Unreachable(StageError):
+    """The API server did not answer, or answered 429/5xx: worth asking again while a job runs."""
+
+
+@contextmanager
+def _transient() -> Iterator[None]:
+    """Turn a busy or unreachable API server into Unreachable, a 404 into "the job is gone", other refusals into
+    StageError."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except ApiException as e:
+        if e.status in (429, 500, 502, 503, 504):
+            raise Unreachable(f"Kubernetes API: {e.status} {e.reason}") from None
+        if e.status == 404:
+            raise StageError("the job disappeared while it was followed (deleted?)", kind="JobDeleted") from None
+        raise StageError(f"Kubernetes API: {e.status} {e.reason}: {(e.body or '')[:300]}") from None
+    except (HTTPError, OSError) as e:
+        raise Unreachable(f"Kubernetes API unreachable: {type(e).__name__}: {e}") from None
 
 
 def _api_problem(e: Any, api: Api, ns: str) -> str:
@@ -393,10 +414,19 @@ def follow(cluster: Cluster, api: Api, cfg: Config, name: str) -> Outcome:
     deadline = time.monotonic() + kc.timeouts.follow_seconds
     log: LogStream | None = None
     pod = None
+    answered = time.monotonic()
     try:
         while True:
-            outcome = verdict(api, cluster.job(api, ns, name))
-            pod = cluster.rank0_pod(api, ns, name) or pod
+            try:
+                outcome = verdict(api, cluster.job(api, ns, name))
+                pod = cluster.rank0_pod(api, ns, name) or pod
+                answered = time.monotonic()
+            except Unreachable as e:  # an API server restarting or overloaded: the job goes on without us
+                if time.monotonic() - answered > UNREACHABLE_SECONDS:
+                    raise StageError(f"{e}, for {UNREACHABLE_SECONDS} s while following {api.kind} {ns}/{name}; "
+                                     "it may still be running", kind="ApiUnreachable") from None
+                time.sleep(POLL_SECONDS)
+                continue
             started = (pod or {}).get("status", {}).get("phase") in ("Running", "Succeeded", "Failed")
             if log is None and started:  # a pod that already ended gives its whole log, then the stream ends
                 log = LogStream(cluster, ns, pod["metadata"]["name"], container)
@@ -434,9 +464,9 @@ def run(cfg: Config, *, resume: bool = False) -> dict:
     name, ns = manifest["metadata"]["name"], kc.namespace
     job = {"api": api.api_version, "kind": api.kind, "name": name, "namespace": ns,
            "manifest": f"{api.kind.lower()}.yaml"}
+    cluster = Cluster(kc.context)  # a kubeconfig that cannot load is exit 2, before anything is submitted
     _write(cfg, reports.new_report("train", stages.RUNNING, run_id=run_id, launcher="kubernetes", job=job))
     try:
-        cluster = Cluster(kc.context)
         created, new = cluster.create(api, manifest, kc.timeouts.submit_seconds)
         print(f"{api.kind} {ns}/{name} {'submitted' if new else 'already exists (same commit and config): following it'}"
               f" — {kc.num_nodes} node(s) × {kc.procs_per_node} process(es); rank 0's log follows", flush=True)

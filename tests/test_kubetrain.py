@@ -162,6 +162,27 @@ def test_a_job_that_does_not_end_in_time_fails_the_run(tmp_path, tiny_model, kub
     assert (report["status"], report["error"]["kind"]) == ("failed", "FollowTimeout")
 
 
+def test_an_api_server_that_blinks_while_the_job_runs_does_not_fail_it(tmp_path, tiny_model, kube):
+    from fakes.kube_api import TrainingController
+
+    kube.job_controller = TrainingController("succeeded", lines=3)
+    kube.fail("POST", "/trainjobs", code=503, times=2)  # submitting is retried too
+    kube.fail("GET", "/trainjobs/", code=503, times=3)
+    kube.fail("GET", "/pods", code=500, times=2)
+    proc = train(kube_config(tmp_path, tiny_model, "trainjob"), kube)
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0: step 3/3" in proc.stdout
+    assert [f["times"] for f in kube.faults] == [0, 0, 0]  # every injected failure was met
+
+
+def test_a_kubeconfig_that_cannot_load_exits_2_before_anything_is_written(tmp_path, tiny_model, kube):
+    cfg = kube_config(tmp_path, tiny_model, "trainjob")
+    proc = swiftci_in_process("train", "-c", str(cfg), env={"KUBECONFIG": str(tmp_path / "missing")})
+    assert proc.returncode == 2, proc.stderr
+    assert "train.kubernetes.context: cannot load the kubeconfig" in proc.stderr
+    assert not (tmp_path / "out" / "train" / "train_report.json").exists()
+
+
 def test_a_rerun_follows_the_job_it_submitted_before(tmp_path, tiny_model, kube):
     from fakes.kube_api import TrainingController
 
