@@ -219,11 +219,32 @@ def init(root: Path, yes: bool, force: bool, **given) -> None:
 @main.command()
 @_config_options
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint (start over if there is none).")
+@click.option("--on", "launcher", type=click.Choice(["local", "kubernetes"]),
+              help="Where to train, overriding train.launcher: `local` (here) or `kubernetes` (a TrainJob or "
+                   "PyTorchJob in the cluster of train.kubernetes).")
+@click.option("--dry-run", is_flag=True, help="With launcher kubernetes: write the validated job manifest to the "
+              "output folder and submit nothing.")
 @_errors_to_exit_codes
-def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
-    """Fine-tune the base model (LoRA, QLoRA or full SFT)."""
-    cfg = _load(config_path, overrides)
+def train(config_path: str, overrides: tuple[str, ...], resume: bool, launcher: str | None, dry_run: bool) -> None:
+    """Fine-tune the base model (LoRA, QLoRA or full SFT), here or as a job on a Kubernetes cluster."""
+    from swiftci.errors import UsageError
+
+    cfg = _load(config_path, overrides + ((f"train.launcher={launcher}",) if launcher else ()))
+    on_kubernetes = cfg.train is not None and cfg.train.launcher == "kubernetes"
+    if dry_run:
+        if not on_kubernetes:
+            raise UsageError("--dry-run renders the cluster job; add --on kubernetes (or set train.launcher: "
+                             "kubernetes)")
+        from swiftci import kubetrain
+
+        click.echo(f"train: dry run, nothing submitted  manifest: {kubetrain.dry_run(cfg)}")
+        return
     report = _run_one(cfg, "train", show_report=False, resume=resume)
+    if on_kubernetes:
+        job = report["job"]
+        click.echo(f"train: ok  run {report['run_id']}  {job['kind']} {job['namespace']}/{job['name']}  "
+                   f"outputs: volume {report['remote']['volume']}:{report['remote']['stage_dir']}")
+        return
     m = report["metrics"]
     click.echo(f"train: ok  run {report['run_id']}  loss {_num(m['train_loss_first'])} → "
                f"{_num(m['train_loss_last'])}  {m['steps']} steps  {_num(m['tokens_per_second'], 0)} tok/s  "

@@ -229,6 +229,109 @@ class SimpoConfig(Section):
                              "(0: pure SimPO).")
 
 
+_DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# what the runtime sets for torchrun (Kubeflow Trainer refuses a TrainJob that sets them) and what torchrun sets
+_LAUNCHER_ENV = re.compile(r"^(PET_.*|MASTER_ADDR|MASTER_PORT|WORLD_SIZE|RANK|LOCAL_RANK|NODE_RANK)$")
+
+
+class ModelStoreVolume(Section):
+    claim: str = Field(description="The PersistentVolumeClaim every node mounts, e.g. `model-store`: it holds this "
+                       "config, the data and the base model, and the job writes its output folder into it "
+                       "(ReadWriteMany for more than one node).")
+    mount_path: str = Field(default="/workspace", description="Where the volume is mounted in the pods.")
+    config: str | None = Field(
+        default=None, description="This config file's path on the volume, relative to `mount_path`, e.g. "
+        "`support-bot/swiftci.yaml`; its relative paths (data, output_dir) resolve beside it as they do here. "
+        "Unset: the config's file name at the top of the volume.")
+
+    @model_validator(mode="after")
+    def _paths(self) -> ModelStoreVolume:
+        problems = []
+        if not _DNS_NAME.match(self.claim):
+            problems.append(f"claim: {self.claim!r} is not a Kubernetes name; use lowercase letters, digits and "
+                            "dashes")
+        if not self.mount_path.startswith("/"):
+            problems.append(f"mount_path: must be an absolute path in the pod, e.g. `/workspace` (got "
+                            f"{self.mount_path!r})")
+        if self.config is not None and (self.config.startswith("/") or ".." in self.config.split("/")):
+            problems.append(f"config: give the path relative to mount_path, inside the volume (got {self.config!r})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class KubeTrainTimeouts(Section):
+    submit_seconds: int = Field(default=120, gt=0, description="How long submitting may take, retries of a busy "
+                                "API server included, before the run fails (exit 3).")
+    follow_seconds: int = Field(default=86400, gt=0, description="How long to follow the job to its end; past "
+                                "it the run fails (exit 3) and the job is left running in the cluster.")
+
+
+class KubernetesTrainConfig(Section):
+    """Where and how `train.launcher: kubernetes` runs the training: a job of the cluster's own training engine."""
+
+    api: Literal["trainjob", "pytorchjob"] = Field(
+        default="trainjob", description="`trainjob`: a Kubeflow Trainer v2 TrainJob (`trainer.kubeflow.org/"
+        "v1alpha1`); `pytorchjob`: a PyTorchJob (`kubeflow.org/v1`) of the older training operator.")
+    context: str | None = Field(default=None, description="kubeconfig context, e.g. `gpu-cluster`. Unset: the "
+                                "current one (or the pod's service account inside a cluster).")
+    namespace: str = Field(default="default", description="Namespace of the job, e.g. `training`.")
+    image: str | None = Field(
+        default=None, description="The image the nodes run, with swiftci[train] and torchrun installed, pinned by "
+        "tag or digest, e.g. `acme/swiftci-train:0.1.0`. Required for launcher kubernetes.")
+    runtime: str = Field(default="torch-distributed", description="The ClusterTrainingRuntime a TrainJob refers "
+                         "to (api trainjob); it sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, "
+                         "PET_MASTER_ADDR and PET_MASTER_PORT for torchrun.")
+    num_nodes: int = Field(default=1, gt=0, description="Nodes (pods) of the job; rank 0 writes the reports.")
+    num_proc_per_node: int | None = Field(
+        default=None, gt=0, description="Training processes per node. Unset: one per GPU (`gpus_per_node`), or 1 "
+        "without GPUs.")
+    gpus_per_node: int = Field(default=1, ge=0, description="`nvidia.com/gpu` each node requests and is limited "
+                               "to; 0 trains on CPUs.")
+    cpu: str | None = Field(default=None, description="CPU each node requests, e.g. `\"16\"`. Unset: the "
+                            "cluster's default.")
+    memory: str | None = Field(default=None, description="Memory each node requests, e.g. `200Gi`. Unset: the "
+                               "cluster's default.")
+    volume: ModelStoreVolume | None = Field(
+        default=None, description="The model store the nodes read the config and data from and write the output "
+        "folder to, e.g. `{claim: model-store, mount_path: /workspace}`. Required for launcher kubernetes.")
+    service_account: str | None = Field(default=None, description="Service account of the pods, e.g. `trainer` "
+                                        "(for access to the volume or a hub token). Unset: the namespace's default.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the training processes, "
+                                "e.g. `{HF_HOME: /workspace/.cache/huggingface}`.")
+    timeouts: KubeTrainTimeouts = Field(default_factory=KubeTrainTimeouts, description="Time limits.")
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.num_proc_per_node or max(1, self.gpus_per_node)
+
+    @model_validator(mode="after")
+    def _fits(self) -> KubernetesTrainConfig:
+        problems = []
+        if not _DNS_NAME.match(self.namespace):
+            problems.append(f"namespace: {self.namespace!r} is not a Kubernetes name; use lowercase letters, "
+                            "digits and dashes")
+        if self.image is not None:
+            tail = self.image.rsplit("/", 1)[-1]
+            if not ("@sha256:" in self.image or (":" in tail and not tail.endswith(":latest"))):
+                problems.append(f"image: {self.image!r} is not pinned; add a version tag or @sha256 digest (every "
+                                "node must run the same image, and a rerun the same one)")
+        if self.api == "pytorchjob" and self.runtime != "torch-distributed":
+            problems.append("runtime: names a ClusterTrainingRuntime of Kubeflow Trainer v2; a PyTorchJob (api "
+                            "pytorchjob) has none — remove it, or set api: trainjob")
+        if self.gpus_per_node and self.num_proc_per_node and self.num_proc_per_node > self.gpus_per_node:
+            problems.append(f"num_proc_per_node: {self.num_proc_per_node} processes would share "
+                            f"{self.gpus_per_node} GPU(s); use at most gpus_per_node ({self.gpus_per_node}), or "
+                            "leave it unset (one per GPU)")
+        reserved = sorted(k for k in self.env if _LAUNCHER_ENV.match(k))
+        if reserved:
+            problems.append(f"env: {', '.join(reserved)} are set by the training runtime and torchrun; remove "
+                            "them (num_nodes and num_proc_per_node set the sizes)")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 class TrainConfig(Section):
     method: Literal["sft", "dpo", "kto", "orpo", "simpo"] = Field(
         default="sft", description="`sft` (supervised fine-tuning on messages/alpaca rows) or preference tuning on "
@@ -299,6 +402,13 @@ class TrainConfig(Section):
         default=None, description="A preference step trained on top of this (sft) step's model in the same run, "
         "e.g. `{method: dpo, data: {train: data/pairs.jsonl}}`; later stages take its model. Unset: one step.",
     )
+    launcher: Literal["local", "kubernetes"] = Field(
+        default="local", description="Where the training runs: `local` (this machine: the runner) or `kubernetes` "
+        "(a Kubeflow Trainer TrainJob or a PyTorchJob in a cluster, set in `kubernetes`; swiftci submits it, "
+        "streams rank 0's log and follows it to its end). `swiftci train --on kubernetes` overrides it.")
+    kubernetes: KubernetesTrainConfig = Field(
+        default_factory=KubernetesTrainConfig, description="The cluster job of launcher kubernetes: api, image, "
+        "nodes, processes and GPUs per node, the model-store volume.")
 
     @model_validator(mode="after")
     def _chain(self) -> TrainConfig:
@@ -307,6 +417,13 @@ class TrainConfig(Section):
         if self.method in ("dpo", "kto") and getattr(self, self.method).reference == "sft":
             raise ValueError(f"{self.method}.reference: `sft` names the SFT step of a chain (train.then); "
                              "here use `base` or a model folder")
+        if self.launcher == "kubernetes":
+            missing = [f"kubernetes.{key}: required for train.launcher: kubernetes, e.g. {example}"
+                       for key, example in (("image", "`acme/swiftci-train:0.1.0`"),
+                                            ("volume", "`{claim: model-store, mount_path: /workspace}`"))
+                       if getattr(self.kubernetes, key) is None]
+            if missing:
+                raise ValueError("\n".join(missing))
         if self.packing == "padding_free" and self.method != "sft":
             raise ValueError(f"packing: padding_free is for method sft; {self.method} pads its pairs — set "
                              "train.packing: auto or none")
@@ -348,7 +465,10 @@ class ThenConfig(Section):
 
 # Settings that guard or log a training but do not decide its weights: changing them neither blocks --resume nor
 # makes a finished run stale.
-NOT_DECIDING = {"train": {"max_runtime", "watchdog", "logging_steps", "save_steps", "save_total_limit"}}
+# Where the training runs (launcher, kubernetes) decides no weight either: a cluster job of a config computes the
+# fingerprint a local run of it would.
+NOT_DECIDING = {"train": {"max_runtime", "watchdog", "logging_steps", "save_steps", "save_total_limit", "launcher",
+                          "kubernetes"}}
 
 
 # --- evaluate --------------------------------------------------------------------------------------------------

@@ -397,7 +397,10 @@ def finish_message(cfg: Config, done: dict[str, dict]) -> Message:
     train = done.get("train") or {}
     m = train.get("metrics") or {}
     fields = run_fields(cfg, train.get("run_id"))
-    if m:
+    job = train.get("job") or {}
+    if job:  # trained as a cluster job (train.launcher: kubernetes): its losses are in the job's own report
+        fields.append(("job", f"{job.get('kind')} {job.get('namespace')}/{job.get('name')}"))
+    if m and "train_loss_last" in m:
         fields += [("loss", f"{m.get('train_loss_first', 0):.4g} → {m.get('train_loss_last', 0):.4g}"),
                    ("steps", str(m.get("steps"))), ("time", f"{m.get('wall_seconds', 0):.0f} s")]
         if preference.summary(m):

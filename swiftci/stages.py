@@ -224,6 +224,11 @@ def produced(cfg: Config, name: str, prefer: tuple[str, ...] = ("model", "adapte
         if kind in outputs and (cfg.stage_dir(name) / outputs[kind]).is_dir():
             folder = cfg.stage_dir(name) / outputs[kind]
             return Produced(folder, kind, report.get("run_id"), verify(cfg, name, folder))
+    remote = report.get("remote")
+    if not outputs and isinstance(remote, dict):  # a cluster job (train.launcher: kubernetes) wrote it elsewhere
+        raise StageError(f"the {name} stage ran as a cluster job: its model is on volume {remote.get('volume')} at "
+                         f"{remote.get('stage_dir')}, not here; run this stage where that volume is mounted (as a "
+                         "job in the cluster, or on a runner that mounts it there), or pass --model")
     raise StageError(f"the {name} stage wrote no {' or '.join(prefer)} (its outputs: {', '.join(outputs) or 'none'})")
 
 

@@ -140,6 +140,10 @@ class Job:
 
 
 def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) -> dict:
+    if cfg.train is not None and cfg.train.launcher == "kubernetes":  # a job of the cluster's training engine
+        from swiftci import kubetrain
+
+        return kubetrain.run(cfg, resume=resume)
     check_runnable(cfg)
     if cfg.train.then is not None:
         return _run_chain(cfg, resume, notifier)

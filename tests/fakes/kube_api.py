@@ -1,13 +1,16 @@
 """Stands for a Kubernetes API server (no real one can run on our machines), for the deploy tests.
 
-A threaded HTTP server speaking the part of the API that `swiftci deploy` and the official `kubernetes` client use:
-namespaced Deployments, Services, PodDisruptionBudgets and Pods; GET, list (labelSelector, fieldSelector on
+A threaded HTTP server speaking the part of the API that `swiftci deploy`, `swiftci train --on kubernetes` and the
+official `kubernetes` client use: namespaced Deployments, Services, PodDisruptionBudgets, Pods (and their logs,
+`follow=true` streaming until the pod ends), Kubeflow Trainer v2 TrainJobs and training-operator PyTorchJobs; GET, list (labelSelector, fieldSelector on
 metadata.name), watch (?watch=true with timeoutSeconds), server-side apply (PATCH application/apply-patch+yaml,
 which creates missing objects), merge PATCH, PATCH on /status, DELETE; uid, resourceVersion and generation
 bookkeeping (generation moves only when the spec changes); `fail()` injects error answers.
 
 It runs no controllers: a test passes `controller`, a function called after every Deployment write, to play the
-Deployment controller and the kubelet (set .status, create pods with container states).
+Deployment controller and the kubelet (set .status, create pods with container states), and `job_controller`, called
+after a TrainJob or PyTorchJob is created, to play the training engine (`TrainingController`: pods labelled as JobSet
+or the training operator label them, log lines, then Complete/Succeeded or Failed conditions).
 
 Why not kmock (evaluated first, v0.8): its Kubernetes emulator returns 404 for a server-side apply that creates an
 object, does not route PUT, ignores labelSelector and timeoutSeconds (a watch with a timeout never ends) and drops
@@ -32,9 +35,12 @@ KINDS = {  # plural -> (apiVersion, kind)
     "services": ("v1", "Service"),
     "poddisruptionbudgets": ("policy/v1", "PodDisruptionBudget"),
     "pods": ("v1", "Pod"),
+    "trainjobs": ("trainer.kubeflow.org/v1alpha1", "TrainJob"),  # Kubeflow Trainer v2
+    "pytorchjobs": ("kubeflow.org/v1", "PyTorchJob"),  # the Kubeflow training operator
 }
+JOBS = ("trainjobs", "pytorchjobs")
 PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/"
-                  r"(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?$")
+                  r"(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status|log))?$")
 
 
 def _merge(base: dict, patch: dict) -> dict:
@@ -71,14 +77,17 @@ def _matches(obj: dict, label_selector: str | None, field_selector: str | None) 
 
 
 class FakeKubeAPI:
-    def __init__(self, controller: Callable[[FakeKubeAPI, dict], None] | None = None):
+    def __init__(self, controller: Callable[[FakeKubeAPI, dict], None] | None = None,
+                 job_controller: Callable[[FakeKubeAPI, str, dict], None] | None = None):
         self.objects: dict[tuple[str, str, str], dict] = {}
+        self.logs: dict[tuple[str, str], list[str]] = {}  # (namespace, pod) -> the lines its container wrote
         self.events: list[tuple[str, str, dict]] = []  # (plural, type, object)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, content type)
         # injected failures: a request whose method and path match answers `code` instead, `times` times
         # (an overloaded or restarting API server, an admission webhook that times out)
         self.faults: list[dict] = []
         self.controller = controller
+        self.job_controller = job_controller  # called (plural, job) after a TrainJob or PyTorchJob is created
         self.lock = threading.Condition()
         self._rv = itertools.count(1000)
         fake = self
@@ -149,6 +158,12 @@ class FakeKubeAPI:
             if obj is not None:
                 self._event(plural, "DELETED", obj)
 
+    def log(self, ns: str, pod: str, line: str) -> None:
+        """A line the pod's container writes (a following log reader gets it at once)."""
+        with self.lock:
+            self.logs.setdefault((ns, pod), []).append(line)
+            self.lock.notify_all()
+
     def list(self, plural: str, ns: str, label_selector: str | None = None) -> list[dict]:
         with self.lock:
             return [copy.deepcopy(o) for (p, n, _), o in self.objects.items()
@@ -189,6 +204,8 @@ class FakeKubeAPI:
         result = copy.deepcopy(obj)
         if run_controller and plural == "deployments" and self.controller is not None and not status_only:
             threading.Thread(target=self.controller, args=(self, copy.deepcopy(obj)), daemon=True).start()
+        if run_controller and plural in JOBS and event == "ADDED" and self.job_controller is not None:
+            threading.Thread(target=self.job_controller, args=(self, plural, copy.deepcopy(obj)), daemon=True).start()
         return result
 
     def _dispatch(self, h: BaseHTTPRequestHandler, method: str) -> None:
@@ -212,6 +229,8 @@ class FakeKubeAPI:
             return self._send(h, 404, self._status(404, "NotFound", f"no route for {url.path}"))
         plural, ns, name, sub = m["plural"], m["ns"], m["name"], m["sub"]
         body = json.loads(raw) if raw else {}
+        if method == "GET" and plural == "pods" and sub == "log":
+            return self._log(h, ns, name, query)
         with self.lock:
             if method == "GET" and name is None and query.get("watch") in ("true", "1"):
                 return self._watch(h, plural, ns, query)
@@ -277,6 +296,37 @@ class FakeKubeAPI:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def _log(self, h: BaseHTTPRequestHandler, ns: str, pod: str, query: dict) -> None:
+        """GET .../pods/NAME/log: the lines so far; with follow=true, streamed until the pod has ended."""
+        with self.lock:
+            if ("pods", ns, pod) not in self.objects:
+                return self._send(h, 404, self._status(404, "NotFound", pod))
+        h.send_response(200)
+        h.send_header("Content-Type", "text/plain")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        sent = 0
+        try:
+            while True:
+                with self.lock:
+                    lines = self.logs.get((ns, pod), [])[sent:]
+                    phase = ((self.objects.get(("pods", ns, pod)) or {}).get("status") or {}).get("phase")
+                    ended = query.get("follow") != "true" or phase in ("Succeeded", "Failed", None)
+                    if not lines and not ended:
+                        self.lock.wait(timeout=0.5)
+                        continue
+                for line in lines:
+                    data = (line + "\n").encode()
+                    h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                h.wfile.flush()
+                sent += len(lines)
+                if ended and not lines:
+                    break
+            h.wfile.write(b"0\r\n\r\n")
+            h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     @staticmethod
     def _status(code: int, reason: str, message: str) -> dict:
         return {"apiVersion": "v1", "kind": "Status", "status": "Failure" if code >= 400 else "Success",
@@ -333,3 +383,74 @@ class Controller:
         if current is not None and current["metadata"]["generation"] == dep["metadata"]["generation"]:
             api.put("deployments", {"metadata": {"name": name, "namespace": ns}, "status": status},
                     status_only=True)
+
+
+RANK0_LABELS = {  # what the engines put on a job's pods (JobSet and the Job controller; the training operator)
+    "trainjobs": lambda job, rank: {"jobset.sigs.k8s.io/jobset-name": job, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                                    "jobset.sigs.k8s.io/job-index": "0", "batch.kubernetes.io/job-completion-index":
+                                    str(rank)},
+    "pytorchjobs": lambda job, rank: {"training.kubeflow.org/job-name": job, "training.kubeflow.org/replica-type":
+                                      "master" if rank == 0 else "worker", "training.kubeflow.org/replica-index":
+                                      "0" if rank == 0 else str(rank - 1)},
+}
+
+
+class TrainingController:
+    """Plays Kubeflow Trainer v2 (or the training operator) and the kubelet for a submitted job: one pod per node,
+    each writing its log lines, then the job's end as the engine reports it — `outcome` `succeeded`, `failed`
+    (rank 0 exits `exit_code`, the job gets a Failed condition with `message`), `hang` (runs forever) or
+    `cannot_start` (the pods wait in ImagePullBackOff, as the engines leave them)."""
+
+    def __init__(self, outcome: str = "succeeded", *, lines: int = 5, message: str = "", exit_code: int = 1,
+                 nodes: int = 2):
+        self.outcome, self.lines, self.message, self.exit_code, self.nodes = outcome, lines, message, exit_code, nodes
+
+    def __call__(self, api: FakeKubeAPI, plural: str, job: dict) -> None:
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        container = "node" if plural == "trainjobs" else "pytorch"
+        time.sleep(0.2)
+        pods = [f"{name}-node-0-{rank}" for rank in range(self.nodes)]
+        for rank, pod in reversed(list(enumerate(pods))):  # pods start in no particular order: rank 0 is not first
+            api.put("pods", {"metadata": {"name": pod, "namespace": ns, "labels": RANK0_LABELS[plural](name, rank)},
+                             "spec": {"containers": [{"name": container}]},
+                             "status": {"phase": "Running", "containerStatuses": [self._container(container, {
+                                 "running": {"startedAt": "2026-12-03T00:00:00Z"}})]}})
+        if self.outcome == "cannot_start":  # an image that cannot be pulled: the pods wait, the job never ends
+            for pod in pods:
+                api.put("pods", {"metadata": {"name": pod, "namespace": ns}, "status": {
+                    "phase": "Pending", "containerStatuses": [self._container(container, {"waiting": {
+                        "reason": "ImagePullBackOff", "message": "Back-off pulling image"}})]}}, status_only=True)
+            return
+        running = "Running" if plural == "pytorchjobs" else "Created"
+        self._condition(api, plural, ns, name, running, "JobRunning", "the job is running")
+        for step in range(1, self.lines + 1):
+            for rank, pod in enumerate(pods):
+                api.log(ns, pod, f"rank {rank}: step {step}/{self.lines} loss {1.0 / step:.4f}")
+            time.sleep(0.05)
+        if self.outcome == "hang":
+            return
+        failed = self.outcome == "failed"
+        code = self.exit_code if failed else 0
+        for rank, pod in enumerate(pods):
+            api.put("pods", {"metadata": {"name": pod, "namespace": ns}, "status": {
+                "phase": "Failed" if failed and rank == 0 else "Succeeded", "containerStatuses": [
+                    self._container(container, {"terminated": {"exitCode": code if rank == 0 else 0}})]}},
+                    status_only=True)
+        if failed:
+            self._condition(api, plural, ns, name, "Failed", "FailedJobs", self.message)
+        else:
+            done = "Complete" if plural == "trainjobs" else "Succeeded"
+            self._condition(api, plural, ns, name, done, "JobsCompleted", "the job completed")
+
+    @staticmethod
+    def _container(name: str, state: dict) -> dict:
+        return {"name": name, "image": "acme/swiftci-train:0.1.0", "imageID": "", "ready": "running" in state,
+                "restartCount": 0, "state": state}
+
+    @staticmethod
+    def _condition(api: FakeKubeAPI, plural: str, ns: str, name: str, kind: str, reason: str, message: str) -> None:
+        current = api.get(plural, ns, name) or {}
+        conditions = [c for c in (current.get("status") or {}).get("conditions") or [] if c["type"] != kind]
+        conditions.append({"type": kind, "status": "True", "reason": reason, "message": message})
+        api.put(plural, {"metadata": {"name": name, "namespace": ns}, "status": {"conditions": conditions}},
+                status_only=True)
