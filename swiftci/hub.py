@@ -183,6 +183,8 @@ def _huggingface(repo_id: str, revision: str | None) -> ModelFiles:
             raise _mismatch(repo_id, sibling.rfilename, what, want, got)
         files[sibling.rfilename] = sha256_file(file)
     _write_manifest(cache, "huggingface", repo_id, info.sha, files)
+    if (revision or "main") != info.sha:  # the cache's own ref, as hf_hub_download keeps it: offline runs resolve it
+        reports.write_text(repo_dir / "refs" / (revision or "main"), info.sha)
     return ModelFiles(repo_id, "huggingface", path, files, revision=info.sha)
 
 

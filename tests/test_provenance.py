@@ -113,6 +113,12 @@ def test_a_pinned_commit_checked_once_needs_no_hub_call_again(hf, tiny_model, tm
     again = run_cli("fetch", "-c", str(cfg), env=hf_env(tmp_path, hf), check=0)
     assert hf.calls == [] and "checked in the cache (no hub call)" in again.stdout
 
+    cached = next((tmp_path / "hf-home/hub").rglob("snapshots/*/config.json")).resolve()
+    cached.write_text(cached.read_text().replace("128", "256", 1))  # the cache changed on disk since the check
+    proc = run_cli("fetch", "-c", str(cfg), env=hf_env(tmp_path, hf, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 3 and "config.json does not match the hub's sha256 checked at download" in proc.stderr
+    assert not cached.exists() and hf.calls == []
+
 
 @pytest.mark.parametrize("name, record", [("model.safetensors", "LFS sha256"), ("config.json", "git blob id")])
 def test_a_tampered_download_is_exit_3_deleted_and_never_loaded(hf, tiny_model, tmp_path, name, record):
