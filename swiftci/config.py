@@ -85,8 +85,8 @@ def _sha256_hex(value: str) -> str:
 
 class ModelConfig(Section):
     id: str = Field(
-        description="Base model: a local folder (relative to this file) or a Hugging Face hub id, "
-        "e.g. `Qwen/Qwen2.5-0.5B-Instruct`.",
+        description="Base model: a local folder (relative to this file) or a hub id (Hugging Face or ModelScope: "
+        "`source`), e.g. `Qwen/Qwen2.5-0.5B-Instruct`.",
         min_length=1,
     )
     revision: str | None = Field(
@@ -1092,10 +1092,12 @@ class Config(Section):
         files = self._model_files
         if files is not None and files.id == self.model.id:  # a chained step's copy has another model.id
             return files.path
-        candidate = self.resolve(self.model.id)
-        if self.model.id.startswith((".", "/", "~")) or candidate.is_dir():
-            return candidate
-        return None
+        return self.resolve(self.model.id) if self.model_is_local else None
+
+    @property
+    def model_is_local(self) -> bool:
+        """`model.id` names a local folder, not a hub id."""
+        return self.model.id.startswith((".", "/", "~")) or self.resolve(self.model.id).is_dir()
 
     @property
     def source(self) -> str:

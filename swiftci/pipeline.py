@@ -60,9 +60,12 @@ def _check_inputs(cfg: Config, stage: str, options: dict) -> None:
     if stage == "train":
         provenance.check_data_pins(cfg)
         provenance.check_reproduce(cfg)
-    if stage in ("train", "evaluate", "quantize") or (stage == "deploy" and cfg.train is None):
-        if stage == "train" or not options.get("model_dir"):
-            hub.prepare(cfg)
+    loads_base = stage in ("train", "evaluate", "quantize") or (stage == "deploy" and cfg.train is None)
+    if stage != "train" and options.get("model_dir"):
+        loads_base = False
+    # a local folder is hashed file by file for train's record and for pins; else it is read as it is
+    if loads_base and (cfg.model_local_path is None or stage == "train" or cfg.model.sha256 is not None):
+        hub.prepare(cfg)
 
 
 def stage_finished(cfg: Config, stage: str, report: dict, notifier: Notifier) -> None:

@@ -97,6 +97,14 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
 
 def check_data_pins(cfg: Config) -> None:
     """`data.sha256`: every pinned file must still be those bytes (exit 2 before training, both hashes shown)."""
+    problems = data_pin_problems(cfg)
+    if problems:
+        raise UsageError("\n".join(problems), kind="PinMismatch",
+                         hint="the data is not the data the config pins: restore it, or review the change and "
+                              "update data.sha256 (`sha256sum FILE`)")
+
+
+def data_pin_problems(cfg: Config) -> list[str]:
     pinned = (cfg.data.sha256 if cfg.data else None) or {}
     problems = []
     for name, want in sorted(pinned.items()):
@@ -107,10 +115,7 @@ def check_data_pins(cfg: Config) -> None:
         got = sha256_file(path)
         if got != want:
             problems.append(f"data.sha256: {name} changed: pinned {want}, now {got}")
-    if problems:
-        raise UsageError("\n".join(problems), kind="PinMismatch",
-                         hint="the data is not the data the config pins: restore it, or review the change and "
-                              "update data.sha256 (`sha256sum FILE`)")
+    return problems
 
 
 # --- an earlier run's record ------------------------------------------------------------------------------------

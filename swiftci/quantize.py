@@ -86,7 +86,8 @@ def _source(cfg: Config, model_dir: Path | None, out: Path) -> tuple[Path, str]:
     if cfg.train is None:
         from swiftci import hub
 
-        return hub.prepare(cfg).path, cfg.model.id  # a hub id: downloaded and checked file by file
+        local = cfg.model_local_path or hub.prepare(cfg).path  # a hub id: downloaded and checked file by file
+        return local, cfg.model.id
     trained = stages.produced(cfg, "train", prefer=("model", "adapter"))  # its files checked against train's record
     if trained.kind == "model":
         return trained.path, f"train/{trained.path.name}"

@@ -517,8 +517,8 @@ def _load_model(cfg: Config, dtype: Any) -> tuple[Any, dict]:
     model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=load_dtype, **extra)
     checked = hub.prepare(cfg)  # done before anything loaded (pipeline); here its record
     record = {"id": cfg.model.id, "revision_requested": cfg.model.revision, **checked.record()}
-    if checked.source == "local":
-        record["sha256"] = models.folder_sha256(local)
+    if checked.source == "local":  # one content hash for the folder, from the file hashes just taken
+        record["sha256"] = stages.files_digest(checked.files)
     return model, record
 
 

@@ -201,6 +201,8 @@ def test_a_changed_data_file_fails_before_training(tiny_model, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"data.sha256: {train} changed: pinned {pinned}, now {sha256(train)}" in proc.stderr
     assert not (tmp_path / "out/train/train_report.json").exists()
+    validate = swiftci_in_process("validate", "-c", str(cfg))
+    assert validate.returncode == 2 and f"data.sha256: {train} changed" in validate.stderr
 
 
 # --- environment record and drift -----------------------------------------------------------------------------
