@@ -789,8 +789,9 @@ class ReproduceConfig(Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    from_: Annotated[Path, _existing("any")] = Field(alias="from", description="An earlier run's run.json (or the output folder that "
-                                "holds train/run.json), e.g. `runs/last-green/train/run.json`.")
+    from_: Annotated[Path, _existing("any")] = Field(
+        alias="from", description="An earlier run's run.json (or the output folder that holds train/run.json), e.g. "
+        "`runs/last-green/train/run.json`.")
     strict: bool = Field(default=False, description="Exit 2 listing every difference (environment, config, data, "
                          "model) before anything loads; else one warning per difference, recorded in run.json.")
 

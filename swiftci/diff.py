@@ -62,8 +62,9 @@ def _read(path: Path) -> dict:
 
 def _sections(side: Side) -> dict[str, dict[str, Any]]:
     r = side.record
-    config = (r.get("config") or {}).get("values")
-    config = provenance.flatten(config) if isinstance(config, dict) else {"sha256": (r.get("config") or {}).get("sha256")}
+    recorded = r.get("config") or {}
+    values = recorded.get("values")
+    config = provenance.flatten(values) if isinstance(values, dict) else {"sha256": recorded.get("sha256")}
     data = {v["file"]: v.get("sha256") for v in (r.get("data") or {}).values() if isinstance(v, dict) and v.get("file")}
     base = r.get("base_model") or {}
     model = {k: base.get(k) for k in ("id", "source", "revision_resolved") if k in base}

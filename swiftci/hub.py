@@ -155,16 +155,16 @@ def _huggingface(repo_id: str, revision: str | None) -> ModelFiles:
         return _from_cache(cache, "huggingface", repo_id, commit, repo_dir / "snapshots" / commit)
     if offline():
         raise StageError(f"model {repo_id}@{revision or 'main'} is not in the cache ({cache}) and HF_HUB_OFFLINE is "
-                         "set", kind="NotFetched", hint="run `swiftci fetch -c swiftci.yaml` with network access "
-                         "first (same HF_HOME), then copy that cache to the runner")
+                         "set; run `swiftci fetch` where the hub is reachable first", kind="NotFetched",
+                         hint="run `swiftci fetch -c swiftci.yaml` with network access first (same HF_HOME), then "
+                              "copy that cache to the runner")
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
         path = Path(snapshot_download(repo_id, revision=info.sha, cache_dir=str(cache), endpoint=endpoint))
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - the client raises its own, httpx's and OS errors for the same failure
         raise StageError(f"cannot download model {repo_id}@{revision or 'main'} from {endpoint or 'the hub'}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     files = {}
@@ -203,7 +203,8 @@ def _modelscope(repo_id: str, revision: str | None) -> ModelFiles:
         snapshot = _read_manifest(manifest).get("path") if manifest.is_file() else None
         if snapshot is None:
             raise StageError(f"model {repo_id}@{revision} (ModelScope) is not in the cache ({cache}) and "
-                             "HF_HUB_OFFLINE is set", kind="NotFetched",
+                             "HF_HUB_OFFLINE is set; run `swiftci fetch` where the hub is reachable first",
+                             kind="NotFetched",
                              hint="run `swiftci fetch -c swiftci.yaml` with network access first (same "
                                   "MODELSCOPE_CACHE), then copy that cache to the runner")
         return _from_cache(cache, "modelscope", repo_id, revision, Path(snapshot))
@@ -270,8 +271,8 @@ def _from_cache(cache: Path, source: str, repo_id: str, revision: str, snapshot:
     """A model fetched and checked before: its cached files checked against the hashes recorded then."""
     manifest = _read_manifest(_manifest_path(cache, source, repo_id, revision))
     if not manifest.get("files") or not snapshot.is_dir():
-        raise StageError(f"model {repo_id}@{revision} is not in the checked cache ({cache}); with HF_HUB_OFFLINE "
-                         "set nothing can be downloaded", kind="NotFetched",
+        raise StageError(f"model {repo_id}@{revision} is not in the checked cache ({cache}); run `swiftci fetch` "
+                         "where the hub is reachable first", kind="NotFetched",
                          hint="run `swiftci fetch -c swiftci.yaml` with network access first (same cache folder)")
     files = {}
     for name, want in sorted(manifest["files"].items()):
