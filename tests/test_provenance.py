@@ -205,6 +205,16 @@ def test_a_changed_data_file_fails_before_training(tiny_model, tmp_path):
     assert validate.returncode == 2 and f"data.sha256: {train} changed" in validate.stderr
 
 
+def test_evaluate_records_the_task_files_it_read(tiny_model, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", tiny_config(
+        tiny_model, tmp_path / "out", train=None, quantize=None, deploy=None,
+        evaluate={"tasks": ["tiny_reverse"], "baseline": "none", "gates": [], "limit": 8}))
+    swiftci_in_process("evaluate", "-c", str(cfg), "--model", str(tiny_model), check=0)
+    inputs = read_json(tmp_path / "out/evaluate/eval_report.json")["inputs"]
+    tasks = TINY / "tasks"
+    assert inputs == {f"{tasks}/{p.name}": sha256(p) for p in sorted(tasks.iterdir()) if p.is_file()}
+
+
 # --- environment record and drift -----------------------------------------------------------------------------
 
 
