@@ -224,11 +224,21 @@ def init(root: Path, yes: bool, force: bool, **given) -> None:
                    "PyTorchJob in the cluster of train.kubernetes).")
 @click.option("--dry-run", is_flag=True, help="With launcher kubernetes: write the validated job manifest to the "
               "output folder and submit nothing.")
+@click.option("--like", type=click.Path(exists=True, path_type=Path), metavar="RUN.json",
+              help="Compare environment, config, data and model hashes with an earlier run's run.json (or its output "
+                   "folder) before anything loads: a warning per difference, recorded in run.json (the config's "
+                   "`reproduce:` section, from the command line).")
+@click.option("--strict", is_flag=True, help="With --like: exit 2 listing every difference instead of warning.")
 @_errors_to_exit_codes
-def train(config_path: str, overrides: tuple[str, ...], resume: bool, launcher: str | None, dry_run: bool) -> None:
+def train(config_path: str, overrides: tuple[str, ...], resume: bool, launcher: str | None, dry_run: bool,
+          like: Path | None, strict: bool) -> None:
     """Fine-tune the base model (LoRA, QLoRA or full SFT), here or as a job on a Kubernetes cluster."""
     from swiftci.errors import UsageError
 
+    if strict and like is None:
+        raise UsageError("--strict: only with --like RUN.json (or set `reproduce.strict` in the config)")
+    if like is not None:  # a path typed on the command line is relative to where it was typed
+        overrides = (*overrides, f"reproduce.from={like.resolve()}", f"reproduce.strict={str(strict).lower()}")
     cfg = _load(config_path, overrides + ((f"train.launcher={launcher}",) if launcher else ()))
     on_kubernetes = cfg.train is not None and cfg.train.launcher == "kubernetes"
     if dry_run:
@@ -346,11 +356,13 @@ def outputs(stage: str, config_path: str, overrides: tuple[str, ...], summary: b
 @click.option("--final/--in-progress", default=True, show_default=True,
               help="--in-progress shows configured stages without a report as pending (⏳) instead of skipped.")
 @click.option("--github-output", is_flag=True, help="Also write `action` and `comment-url` step outputs.")
-@click.option("--guard-against", "against", type=click.Path(file_okay=False, path_type=Path),
-              help="The last green run's output folder: adds the regression guard's table (see `swiftci guard`).")
+@click.option("--since", type=click.Path(file_okay=False, path_type=Path),
+              help="The last green run's output folder (on the default branch): adds the regression guard's table "
+                   "when it holds train/evaluate reports (see `swiftci guard`) and what changed since that run when "
+                   "it holds its run.json (see `swiftci diff`).")
 @_errors_to_exit_codes
 def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: str | None, final: bool,
-            github_output: bool, against: Path | None) -> None:
+            github_output: bool, since: Path | None) -> None:
     """Create or update the one sticky pull-request comment with every stage's status and the eval table.
 
     Needs GITHUB_TOKEN in the environment. Outside a pull request it only writes the job summary.
@@ -359,7 +371,7 @@ def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: 
     from swiftci import ghactions
 
     cfg = _load(config_path, overrides)
-    posted = comment_stage.run(cfg, pr=pr, repo=repo, final=final, against=against)
+    posted = comment_stage.run(cfg, pr=pr, repo=repo, final=final, since=since)
     if posted.warning:
         click.echo(f"warning: {posted.warning}", err=True)
         ghactions.annotate("warning", posted.warning)
@@ -367,6 +379,39 @@ def comment(config_path: str, overrides: tuple[str, ...], pr: int | None, repo: 
                + f" (body: {cfg.output_path / 'comment.md'})")
     if github_output:
         ghactions.set_outputs({"action": posted.action, "comment-url": posted.url or ""})
+
+
+@main.command()
+@_config_options
+@_errors_to_exit_codes
+def fetch(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Download and check everything a run needs ahead of time (the base model and its tokenizer, every file against
+    the hub's sha256; lm-eval's data for built-in tasks), so that a runner without network (HF_HUB_OFFLINE=1) finds
+    it in the cache, checks it and never calls a hub."""
+    from swiftci import fetch as fetcher
+
+    cfg = _load(config_path, overrides)
+    for line in fetcher.run(cfg):
+        click.echo(line)
+
+
+@main.command("diff")
+@click.argument("a", type=click.Path(exists=True, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["md", "text", "json"]), default="text", show_default=True,
+              help="`md` for a pull-request comment, `json` for scripts.")
+@_errors_to_exit_codes
+def diff_command(a: Path, b: Path, fmt: str) -> None:
+    """Two runs side by side (run.json files or output folders): config keys, data and model hashes, environment
+    and metrics."""
+    from swiftci import diff
+
+    left, right = diff.load(a), diff.load(b)
+    rows = diff.compare(left, right)
+    if fmt == "json":
+        click.echo(json.dumps(diff.as_json(left, right, rows), indent=2))
+    else:
+        click.echo(diff.markdown(left, right, rows) if fmt == "md" else diff.text(left, right, rows), nl=False)
 
 
 @main.command()

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swiftci import ghactions, guard, preference, reports, runinfo, stages
+from swiftci import diff, ghactions, guard, preference, reports, runinfo, stages
 from swiftci.config import Config
 from swiftci.errors import StageError, UsageError
 from swiftci.notify import Redactor
@@ -121,7 +121,7 @@ def _detail(stage: str, report: dict | None) -> str:
     return ""
 
 
-def build_body(cfg: Config, *, final: bool, against: Path | None = None) -> str:
+def build_body(cfg: Config, *, final: bool, since: Path | None = None) -> str:
     states = stage_states(cfg, final)
     failed = [s for s, (state, _) in states.items() if state in FAILED]
     pending = [s for s, (state, _) in states.items() if state in ("pending", "running")]
@@ -137,8 +137,13 @@ def build_body(cfg: Config, *, final: bool, against: Path | None = None) -> str:
         summary = stages.summary(cfg, stage)
         if summary and states[stage][1] is not None:
             lines += ["", _inert(redact(summary.strip()))]
-    if against is not None:  # the last green run's reports: figures to compare, nothing more
-        lines += ["", guard.markdown(guard.compare(cfg, against)).rstrip()]
+    if since is not None:  # the last green run's folder: its reports' figures and its record, compared
+        if (since / "train").is_dir() or (since / "evaluate").is_dir():
+            lines += ["", guard.markdown(guard.compare(cfg, since)).rstrip()]
+        changed = diff.since_last_green(cfg.output_path, since)
+        if changed:
+            lines += ["", "<details><summary>What changed since the last green run on the default branch</summary>",
+                      "", _inert(redact(changed.split("\n", 2)[2].strip())), "", "</details>"]
     records = reports.read_jsonl(cfg.stage_dir("train") / "loss.jsonl")
     chart = reports.loss_chart(records)
     if chart:
@@ -266,8 +271,8 @@ def pull_request_number() -> int | None:
 
 
 def run(cfg: Config, *, pr: int | None = None, repo: str | None = None, final: bool = True,
-        against: Path | None = None) -> Posted:
-    full = build_body(cfg, final=final, against=against)
+        since: Path | None = None) -> Posted:
+    full = build_body(cfg, final=final, since=since)
     body = fit(full)
     reports.write_text(cfg.output_path / "comment.md", body)
     ghactions.append_summary(full.split("\n", 1)[1])  # the whole report, without the hidden marker

@@ -77,16 +77,34 @@ class Section(BaseModel):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def _sha256_hex(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"must be a sha256: 64 lowercase hex digits (`sha256sum FILE` prints it); got {value!r}")
+    return value
+
+
 class ModelConfig(Section):
     id: str = Field(
-        description="Base model: a local folder (relative to this file) or a Hugging Face hub id, "
-        "e.g. `Qwen/Qwen2.5-0.5B-Instruct`.",
+        description="Base model: a local folder (relative to this file) or a hub id (Hugging Face or ModelScope: "
+        "`source`), e.g. `Qwen/Qwen2.5-0.5B-Instruct`.",
         min_length=1,
     )
     revision: str | None = Field(
         default=None,
         description="Revision of a hub model to use (commit sha, tag or branch), e.g. a 40-character commit sha. "
         "Unset: the hub's default branch; the commit actually used is recorded in run.json either way.",
+    )
+    source: Literal["huggingface", "modelscope"] = Field(
+        default="huggingface",
+        description="The hub a hub id is downloaded from: `huggingface` (or the mirror in HF_ENDPOINT) or "
+        "`modelscope` (MODELSCOPE_ENDPOINT). Every file is checked against the hub's own sha256 before anything "
+        "loads (README, \"Provenance\").",
+    )
+    sha256: dict[str, Annotated[str, AfterValidator(_sha256_hex)]] | ExistingFile | None = Field(
+        default=None,
+        description="Pins of the model's exact bytes, for hub ids and local folders alike: a map "
+        "`{file: sha256}` (e.g. `{model.safetensors: 3f2a…}`), or a manifest file (`sha256sum` output or that "
+        "map in JSON). A file whose bytes differ fails the run before it loads (exit 2). Unset: no pins.",
     )
 
     @model_validator(mode="after")
@@ -121,6 +139,12 @@ class DataConfig(Section):
         "({instruction, input, output}) for sft; `preference` (trl's own shapes: {prompt, chosen, rejected}, "
         "strings or lists of messages, or KTO's {prompt, completion, label}) for dpo, kto, orpo and simpo; `auto` "
         "detects it from the first row.",
+    )
+    sha256: dict[str, Annotated[str, AfterValidator(_sha256_hex)]] | None = Field(
+        default=None,
+        description="Pins of the data files' bytes: `{path: sha256}`, paths as written above (relative to this "
+        "file), e.g. `{data/train.jsonl: 3f2a…}`. A changed file fails the run before training (exit 2, both "
+        "hashes shown). Unset: no pins (run.json records the hashes either way).",
     )
 
 
@@ -880,6 +904,18 @@ class GuardConfig(Section):
                        "flags only warn.")
 
 
+class ReproduceConfig(Section):
+    """`swiftci train --like RUN.json`: compare with an earlier run's record before anything loads."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    from_: Annotated[Path, _existing("any")] = Field(
+        alias="from", description="An earlier run's run.json (or the output folder that holds train/run.json), e.g. "
+        "`runs/last-green/train/run.json`.")
+    strict: bool = Field(default=False, description="Exit 2 listing every difference (environment, config, data, "
+                         "model) before anything loads; else one warning per difference, recorded in run.json.")
+
+
 class ChatopsConfig(Section):
     allow_set: list[Annotated[str, AfterValidator(_settable)]] = Field(
         default_factory=list,
@@ -1072,6 +1108,10 @@ class Config(Section):
         default=None, description="Regression guard against the last green run on the default branch "
         "(`swiftci guard --against DIR`, the sticky comment). Unset: the defaults, warnings only.",
     )
+    reproduce: ReproduceConfig | None = Field(
+        default=None, description="Reproduce an earlier run: compare this run's environment, config, data and model "
+        "hashes with its run.json before anything loads (`swiftci train --like`). Unset: no comparison.",
+    )
     chatops: ChatopsConfig | None = Field(
         default=None, description="Chat-ops: pull-request comment commands and the Slack/Discord bot (README, "
         "\"Chat-ops\"). Unset: comments run nothing and the bot refuses to start.",
@@ -1081,6 +1121,7 @@ class Config(Section):
     _source: str = PrivateAttr(default=DEFAULT_CONFIG)
     _env_values: list[str] = PrivateAttr(default_factory=list)
     _warnings: list[str] = PrivateAttr(default_factory=list)
+    _model_files: Any = PrivateAttr(default=None)  # hub.ModelFiles once the base model's bytes were checked
 
     def _method_fits_data(self) -> None:
         method, fmt = self.train.method, self.data.format
@@ -1167,11 +1208,17 @@ class Config(Section):
 
     @property
     def model_local_path(self) -> Path | None:
-        """The base model's folder when `model.id` is local, else None (a hub id)."""
-        candidate = self.resolve(self.model.id)
-        if self.model.id.startswith((".", "/", "~")) or candidate.is_dir():
-            return candidate
-        return None
+        """The base model's folder when `model.id` is local, or once a hub id's files were downloaded and checked
+        (swiftci.hub.prepare), else None."""
+        files = self._model_files
+        if files is not None and files.id == self.model.id:  # a chained step's copy has another model.id
+            return files.path
+        return self.resolve(self.model.id) if self.model_is_local else None
+
+    @property
+    def model_is_local(self) -> bool:
+        """`model.id` names a local folder, not a hub id."""
+        return self.model.id.startswith((".", "/", "~")) or self.resolve(self.model.id).is_dir()
 
     @property
     def source(self) -> str:
@@ -1187,8 +1234,9 @@ class Config(Section):
         return list(self._warnings)
 
     def fingerprint(self) -> str:
-        """sha256 of the validated config with defaults filled in, paths as written."""
-        data = self.model_dump(mode="json")
+        """sha256 of the validated config with defaults filled in, paths as written (`reproduce`, which only says
+        what to compare with, left out)."""
+        data = self.model_dump(mode="json", exclude={"reproduce"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -1551,7 +1599,7 @@ def reference_markdown() -> str:
 
 def _fields_under(model: type[BaseModel], prefix: str):
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"
         yield key, field
         for inner, suffix in _sections_in(field.annotation):
             yield from _fields_under(inner, f"{key}{suffix}.")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swiftci import models, preflight, quiet, reports, stages
+from swiftci import models, preflight, provenance, quiet, reports, stages
 from swiftci.config import Config, EvaluateConfig, GateConfig
 from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
 from swiftci.notify import Redactor
@@ -93,7 +93,8 @@ def run(cfg: Config, *, model_dir: Path | None = None, baseline: str | None = No
                               model={"path": candidate.label, "kind": candidate.kind, "sha256": candidate.sha256},
                               verified=candidate.verified,
                               fingerprint=stages.fingerprint(cfg, STAGE) if candidate.verified else None,
-                              baseline={"kind": _baseline_kind(baseline), "source": _baseline_label(baseline)})
+                              baseline={"kind": _baseline_kind(baseline), "source": _baseline_label(baseline)},
+                              inputs=provenance.stage_inputs(cfg, STAGE))  # the task files it read
     _write(out, {**head, "passed": False})
     try:
         evaluation = _evaluate(cfg, candidate, baseline, out)

@@ -378,7 +378,7 @@ def null_notifier(cfg: Config) -> Notifier:
 
 def run_fields(cfg: Config, run_id: str | None) -> list[tuple[str, str]]:
     fields = [("run", f"`{run_id}`" if run_id else "—"), ("model", Path(cfg.model.id).name if
-                                                           cfg.model_local_path else cfg.model.id)]
+                                                           cfg.model_is_local else cfg.model.id)]
     if cfg.data is not None:
         fields.append(("dataset", Path(cfg.data.train).name))
     if cfg.train is not None:

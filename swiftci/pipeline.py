@@ -25,8 +25,10 @@ def notifications(cfg: Config) -> Iterator[Notifier]:
 
 
 def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> dict:
-    """Run one stage; on failure, notify (what failed, why, the fix) and re-raise its error."""
+    """Run one stage; on failure, notify (what failed, why, the fix) and re-raise its error. Before the stage, what
+    it will read is checked (data pins, `reproduce:`, the base model's bytes: README, "Provenance")."""
     try:
+        _check_inputs(cfg, stage, options)
         if stage == "train":
             from swiftci import train
 
@@ -47,6 +49,23 @@ def run_stage(cfg: Config, stage: str, notifier: Notifier, **options: Any) -> di
     except SwiftCIError as e:
         notifier.failure(failure_message(cfg, stage, stages.train_run_id(cfg), stages.error_of(e)))
         raise
+
+
+def _check_inputs(cfg: Config, stage: str, options: dict) -> None:
+    """Before a stage loads anything: the data pins and the earlier run to reproduce (train), then the base model,
+    downloaded and checked file by file, for the stages that load it (deploy only ships it without a train stage;
+    evaluate and quantize with --model may not need it, but an adapter needs its base)."""
+    from swiftci import hub, provenance
+
+    if stage == "train":
+        provenance.check_data_pins(cfg)
+        provenance.check_reproduce(cfg)
+    loads_base = stage in ("train", "evaluate", "quantize") or (stage == "deploy" and cfg.train is None)
+    if stage != "train" and options.get("model_dir"):
+        loads_base = False
+    # a local folder is hashed file by file for train's record and for pins; else it is read as it is
+    if loads_base and (cfg.model_local_path is None or stage == "train" or cfg.model.sha256 is not None):
+        hub.prepare(cfg)
 
 
 def stage_finished(cfg: Config, stage: str, report: dict, notifier: Notifier) -> None:

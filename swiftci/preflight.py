@@ -3,7 +3,8 @@ fail later. `swiftci validate`, `swiftci run` and every stage command call `chec
 every problem is listed (with its field path and the fix) and the command exits 2.
 
 What is checked, without loading a model or a dataset:
-- train:    every row of the data files parses in the configured format (all bad rows listed, the field named;
+- train:    the data files are the bytes `data.sha256` pins (README, "Provenance"); every row parses in the
+            configured format (all bad rows listed, the field named;
             for preference methods: a missing `chosen`, `chosen` equal to `rejected`, an empty prompt, a label
             that is not a boolean);
 - evaluate: every task resolves (built-in, or a YAML under `task_dir`), the data files its YAML names exist, and
@@ -26,7 +27,9 @@ def check(cfg: Config, names: list[str] | tuple[str, ...]) -> None:
     """Raise ConfigError (exit 2) listing every problem the stages `names` would meet."""
     problems: list[str] = []
     if "train" in names and cfg.train is not None:
-        problems += data_problems(cfg)
+        from swiftci import provenance
+
+        problems += provenance.data_pin_problems(cfg) or data_problems(cfg)
     if "evaluate" in names and cfg.evaluate is not None:
         problems += task_manager(cfg)[1]
     if problems:

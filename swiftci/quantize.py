@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, quiet, reports, stages
+from swiftci import models, provenance, quiet, reports, stages
 from swiftci.config import Config, group_size_problem
 from swiftci.errors import GateFailed, StageError, SwiftCIError, UsageError
 
@@ -49,7 +49,8 @@ def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
     started = time.monotonic()
     head = reports.new_report(STAGE, stages.RUNNING, run_id=stages.train_run_id(cfg), method=qc.method,
                               bits=qc.bits, group_size=qc.group_size, backend=qc.backend,
-                              fingerprint=stages.fingerprint(cfg, STAGE) if model_dir is None else None)
+                              fingerprint=stages.fingerprint(cfg, STAGE) if model_dir is None else None,
+                              inputs=provenance.stage_inputs(cfg, STAGE))  # the calibration data it read
     _write(out, {**head, "passed": False})
     try:
         source, source_label = _source(cfg, model_dir, out)
@@ -83,12 +84,9 @@ def _source(cfg: Config, model_dir: Path | None, out: Path) -> tuple[Path, str]:
             raise UsageError(f"--model: {model_dir} holds no model (config.json)")
         return path, path.name
     if cfg.train is None:
-        local = cfg.model_local_path
-        if local is None:
-            from huggingface_hub import snapshot_download
+        from swiftci import hub
 
-            with models.offline_if_local(False):
-                return Path(snapshot_download(cfg.model.id, revision=cfg.model.revision)), cfg.model.id
+        local = cfg.model_local_path or hub.prepare(cfg).path  # a hub id: downloaded and checked file by file
         return local, cfg.model.id
     trained = stages.produced(cfg, "train", prefer=("model", "adapter"))  # its files checked against train's record
     if trained.kind == "model":

@@ -6,8 +6,8 @@ Outputs in `<output_dir>/train/`:
   model/              full model (full) or the adapter merged into the base (`merge: true`) + tokenizer
   checkpoints/        every `save_steps`; `--resume` continues from the newest
   loss.jsonl          one line per logging step
-  run.json            lineage: config hash, data sha256 and row counts, base model revision or content hash,
-                      git commit, seed, package versions, owner
+  run.json            lineage: config (hash and values), data sha256 and row counts, base model revision and
+                      each file's sha256, git commit, seed, the environment (swiftci/provenance.py), owner
   train_report.json   {"version": 2, "stage": "train", "status", "run_id", "metrics", "outputs"}
   train_report.md     the same for people: metrics table and the loss curve (a mermaid chart)
 
@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import models, preference, quiet, reports, runinfo, stages
+from swiftci import hub, models, preference, provenance, quiet, reports, runinfo, stages
 from swiftci.config import NOT_DECIDING, Config, duration_seconds
 from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
 
 STAGE = "train"
 RUN_MARKER = "swiftci-run.json"  # in checkpoints/: run id and config hash, so --resume refuses a changed config
-LOGGED_PACKAGES = ("swiftci", "torch", "transformers", "peft", "trl", "accelerate", "tokenizers", "bitsandbytes")
 OOM_TIPS = ("lower `train.batch_size` and raise `train.gradient_accumulation` to keep the effective batch, "
             "set `train.gradient_checkpointing: true`, lower `train.max_length`, or use `train.tuner: qlora`")
 
@@ -520,11 +519,10 @@ def _load_model(cfg: Config, dtype: Any) -> tuple[Any, dict]:
     # full fine-tuning keeps fp32 master weights under mixed precision; adapters train on a base in compute dtype
     load_dtype = torch.float32 if tc.tuner == "full" else dtype
     model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=load_dtype, **extra)
-    record = {"id": cfg.model.id, "revision_requested": cfg.model.revision}
-    if local is not None:
-        record["sha256"] = models.folder_sha256(local)
-    else:
-        record["revision_resolved"] = models.resolved_revision(cfg.model.id, cfg.model.revision, model)
+    checked = hub.prepare(cfg)  # done before anything loaded (pipeline); here its record
+    record = {"id": cfg.model.id, "revision_requested": cfg.model.revision, **checked.record()}
+    if checked.source == "local":  # one content hash for the folder, from the file hashes just taken
+        record["sha256"] = stages.files_digest(checked.files)
     return model, record
 
 
@@ -741,7 +739,8 @@ def _lineage(job: Job, base_record: dict, data_record: dict, precision: str, out
         "run_id": job.run_id,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "owner": cfg.owner,
-        "config": {"file": Path(cfg.source).name, "sha256": cfg.fingerprint(), "train_sha256": _train_fingerprint(cfg)},
+        "config": {"file": Path(cfg.source).name, "sha256": cfg.fingerprint(), "train_sha256": _train_fingerprint(cfg),
+                   "values": provenance.config_values(cfg)},
         "git": runinfo.git_commit(cfg.resolve(".")),
         "base_model": base_record,
         "data": data_record,
@@ -749,7 +748,8 @@ def _lineage(job: Job, base_record: dict, data_record: dict, precision: str, out
         "seed": cfg.train.seed,
         "hardware": {"device": torch.cuda.get_device_name(0) if on_cuda else "cpu",
                      "gpus": torch.cuda.device_count(), "torch_threads": torch.get_num_threads()},
-        "packages": runinfo.package_versions(LOGGED_PACKAGES),
+        "environment": provenance.environment(),  # python, torch/CUDA/cuDNN/driver, packages, GPUs
+        **({"reproduce": provenance.reproduce_record(cfg)} if cfg.reproduce else {}),
         "outputs": outputs,
         **({"parent": job.parent} if job.parent else {}),
     }

@@ -61,7 +61,7 @@ def test_the_sticky_comment_shows_the_deltas(two_runs, monkeypatch):
     cfg, green = two_runs
     for var in ("GITHUB_EVENT_PATH", "GITHUB_TOKEN", "GITHUB_EVENT_NAME"):
         monkeypatch.delenv(var, raising=False)
-    proc = swiftci_in_process("comment", "-c", str(cfg), "--guard-against", str(green))
+    proc = swiftci_in_process("comment", "-c", str(cfg), "--since", str(green))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     body = (cfg.parent / "out/comment.md").read_text()
     assert "#### Since the last green run on the default branch" in body and "-20.0% ⚠️" in body

@@ -50,7 +50,8 @@ def test_lineage_record(lora_run, tiny_model):
     assert run["data"]["validation"]["rows"] == 100
     assert len(run["base_model"]["sha256"]) == 64
     assert run["seed"] == 42 and run["train"]["tuner"] == "lora"
-    assert run["packages"]["torch"] and run["packages"]["transformers"] and run["packages"]["peft"]
+    packages = run["environment"]["packages"]
+    assert packages["torch"] and packages["transformers"] and packages["peft"]
     assert run["owner"] == "@swiftci-maintainers"
     assert len(run["config"]["sha256"]) == 64
     assert "sha" in run["git"]

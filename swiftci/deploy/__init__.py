@@ -301,7 +301,7 @@ def _roll_out(cfg: Config, dc: DeployConfig, name: str, release: kube.Release, o
 def _labels(cfg: Config, dc: DeployConfig, name: str, lineage: dict, git_sha: str | None,
             quantization: str | None, ship: Shipment) -> dict[str, str]:
     repo = lineage["git"].get("repository")
-    base_model = cfg.model.id if cfg.model_local_path is None else Path(cfg.model.id).name  # never a local path
+    base_model = Path(cfg.model.id).name if cfg.model_is_local else cfg.model.id  # never a local path
     labels = {
         "org.opencontainers.image.title": name,
         "org.opencontainers.image.base.name": dc.engine_image,
