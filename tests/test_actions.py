@@ -208,7 +208,14 @@ def test_pipeline_on_pull_requests_keeps_one_sticky_comment(act_repo, act_config
             assert "| quantize | ✅ | size ×0.2" in only["body"] and "### swiftci quantize — GPTQ 4-bit" in only["body"]
         else:
             assert "| evaluate | skipped |" in only["body"] and "| quantize | skipped |" in only["body"]
+            # compared with the first run, fetched as the default branch's last green run (action input `since`)
+            assert "#### Since the last green run on the default branch" in only["body"]
+            assert "| train tokens/s |" in only["body"]
         assert "reward accuracy" in only["body"] and "(held-out)" in only["body"], "the dpo step's report"
+        if run == 0:  # the first run's reports become the last green push run on main, which the second fetches
+            github.add_run(100)
+            for folder in (tmp_path / "run0/artifacts").glob("swiftci-reports-*"):
+                github.add_artifact(100, folder.name, {p.name: p.read_bytes() for p in folder.iterdir()})
     methods = [m for m, _ in github.requests]
     assert methods.count("POST") == 1 and methods.count("PATCH") == 1
     assert not list(tmp_path.glob("pwned*")), "a payload in the pull request was executed"
