@@ -263,13 +263,15 @@ def test_a_hub_model_is_estimated_from_its_config_json_alone(tiny_model, tmp_pat
                                             "model.safetensors": b"never asked for"})
     cfg = tiny_config(tiny_model, tmp_path / "out", model={"id": "acme/tiny", "revision": "v1"})
     path = write_config(tmp_path / "swiftci.yaml", cfg)
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0"}
     proc = subprocess.run([*SWIFTCI, "estimate", "-c", str(path), "--json"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["parameters"]["total"] == 354_688
-    assert hub.requested and all(r.endswith("/acme/tiny/resolve/v1/config.json") for r in hub.requested), \
-        hub.requested
+    files = [r for r in hub.requested if "/resolve/" in r]  # (huggingface_hub also asks /api/… for itself)
+    assert "GET /acme/tiny/resolve/v1/config.json" in files
+    assert all(r.endswith("/acme/tiny/resolve/v1/config.json") for r in files), files
 
 
 # --- train's pre-flight ------------------------------------------------------------------------------------------
