@@ -30,8 +30,8 @@ element in the compute precision: 2 for bf16/fp16, 4 for fp32):
   `train.batch_size` (twice that for dpo, orpo and simpo, which run chosen and rejected together) of
   `train.max_length` tokens — the longest a batch can be.
 - an allowance of 1 GiB per GPU for the CUDA context, kernels and the caching allocator's slack (not measured
-  here: no GPU was lent when this was written; on the tiny model on CPU, without it, the estimate was within
-  0.93-1.0 of torch's tensor-level peak — bench/estimate_accuracy.py).
+  here: no GPU was lent when this was written). On the tiny model on CPU, without it, the estimate was 0.94-1.08
+  times torch's measured tensor peak (bench/estimate_accuracy.py); tools/gpu_check.py measures it on a GPU.
 """
 
 from __future__ import annotations

@@ -145,6 +145,10 @@ def test_qlora_below_lora_below_full(seven_b):
     totals = {t: estimate.estimate(seven_b, _setup(tuner=t)).total for t in ("qlora", "lora", "full")}
     assert totals["qlora"] < totals["lora"] < totals["full"]
     lora, qlora = (estimate.estimate(seven_b, _setup(tuner=t)) for t in ("lora", "qlora"))
+    assert lora.weights == (seven_b.total + lora.trainable) * 2  # bf16 base, and the adapters' 16-bit copies
+    # 4-bit Linear layers (4.127 bits with double quantization); embeddings, lm_head and norms in fp32 (peft)
+    frozen = round(seven_b.quantizable * 4.127 / 8) + (seven_b.total - seven_b.quantizable) * 4
+    assert qlora.weights == frozen + qlora.trainable * 2
     assert qlora.gradients == lora.gradients and qlora.optimizer == lora.optimizer  # same adapters
     without_double_quant = estimate.estimate(seven_b, _setup(tuner="qlora", double_quant=False))
     assert qlora.weights < without_double_quant.weights
@@ -179,6 +183,11 @@ def test_offload_moves_the_optimizer_states_to_cpu(seven_b):
 
 
 def test_paired_preference_methods_double_the_rows(seven_b):
+    from swiftci.config import TrainConfig
+
+    rows = {m: estimate.setup_of(TrainConfig(method=m), estimate.Parallelism()).rows_per_example
+            for m in ("sft", "dpo", "kto", "orpo", "simpo")}
+    assert rows == {"sft": 1, "dpo": 2, "kto": 1, "orpo": 2, "simpo": 2}  # KTO's rows are unpaired
     sft, dpo = (estimate.estimate(seven_b, _setup(rows_per_example=r)) for r in (1, 2))
     twice = estimate.estimate(seven_b, _setup(batch_size=8))
     assert dpo.activations == twice.activations > sft.activations
@@ -218,7 +227,10 @@ def test_estimate_prints_a_table_and_fits(config_file):
 def test_estimate_json_is_versioned_and_matches_the_table(config_file):
     proc = swiftci_in_process("estimate", "-c", str(config_file), "--gpu-memory", "80GiB", "--json", check=0)
     data = json.loads(proc.stdout)
+    assert set(data) == {"version", "setup", "parameters", "per_gpu_bytes", "per_gpu_gib", "activations_bytes",
+                         "offloaded_bytes", "gpu_memory_bytes", "fits", "fix"}
     assert data["version"] == 1 and data["fits"] is True and data["fix"] is None
+    assert data["per_gpu_gib"] == {k: round(v / GIB, 3) for k, v in data["per_gpu_bytes"].items()}
     per_gpu = data["per_gpu_bytes"]
     assert set(per_gpu) == {"weights", "gradients", "optimizer_states", "activations", "cuda_allowance", "total"}
     assert per_gpu["total"] == sum(v for k, v in per_gpu.items() if k != "total")
