@@ -460,11 +460,13 @@ def last_green(config_path: str, overrides: tuple[str, ...], out: Path, branch: 
 
 from swiftci.commands.chatops import bot as _bot  # noqa: E402
 from swiftci.commands.chatops import chatops as _chatops  # noqa: E402
+from swiftci.commands.estimate import estimate as _estimate  # noqa: E402
 
-for _cmd in (_bot, *_chatops.commands.values()):  # errors become exit codes here, as for every command
+for _cmd in (_bot, _estimate, *_chatops.commands.values()):  # errors become exit codes here, as for every command
     _cmd.callback = _errors_to_exit_codes(_cmd.callback)
 main.add_command(_chatops)
 main.add_command(_bot)
+main.add_command(_estimate)
 
 if __name__ == "__main__":
     main()

@@ -412,6 +412,10 @@ class TrainConfig(Section):
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
     logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
     merge: bool = Field(default=False, description="Also write the adapter merged into the base model (`model/`).")
+    preflight: bool = Field(
+        default=True, description="On CUDA GPUs, estimate the training's memory per GPU from the model's config.json "
+        "before loading anything and refuse (exit 2, with the cheapest fix) a training that cannot fit the GPUs "
+        "torch sees (`swiftci estimate` shows the figures). On CPU nothing is checked. `false`: skip it.")
     max_runtime: Annotated[str, AfterValidator(_duration_text)] | None = Field(
         default=None, description="Longest a training may run, e.g. `6h`, `90m` or `45s`: on reaching it a "
         "checkpoint is saved and training stops with exit 3 and the command that resumes it. Workflows written by "
@@ -492,7 +496,7 @@ class ThenConfig(Section):
 # Where the training runs (launcher, kubernetes) decides no weight either: a cluster job of a config computes the
 # fingerprint a local run of it would.
 NOT_DECIDING = {"train": {"max_runtime", "watchdog", "logging_steps", "save_steps", "save_total_limit", "launcher",
-                          "kubernetes"}}
+                          "kubernetes", "preflight"}}
 
 
 # --- evaluate --------------------------------------------------------------------------------------------------

@@ -72,6 +72,24 @@ def check_runnable(cfg: Config) -> None:
                          "train.kernels: auto (liger where it can run) or none")
 
 
+def memory_preflight(cfg: Config) -> None:
+    """On CUDA GPUs, before anything loads: refuse (exit 2, with the cheapest fix) a training whose estimated memory
+    (swiftci/estimate.py, from config.json alone) exceeds the smallest visible GPU's. One process trains on one GPU
+    here; `train.preflight: false` skips the check, and on CPU there is nothing to check against."""
+    from swiftci import estimate
+
+    if not cfg.train.preflight:
+        return
+    gpus = estimate.visible_gpu_memory()
+    if gpus is None:
+        return
+    steps = [cfg.train] if cfg.train.then is None else [cfg.train, cfg.train.then.step(cfg.train)]
+    for step in steps:
+        verdict = estimate.preflight(cfg.model_copy(update={"train": step}), gpus[1])
+        print(f"train pre-flight: {step.method} needs about {verdict.estimate.total / estimate.GIB:.1f} GiB of the "
+              f"GPU's {gpus[1] / estimate.GIB:.1f} GiB ({estimate.describe(verdict)})", flush=True)
+
+
 @dataclass
 class Choice:
     """A setting the stage decided at run time (train.packing, train.kernels), and why; the report keeps both."""
@@ -144,6 +162,7 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
 
         return kubetrain.run(cfg, resume=resume)
     check_runnable(cfg)
+    memory_preflight(cfg)
     if cfg.train.then is not None:
         return _run_chain(cfg, resume, notifier)
     return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)

@@ -12,8 +12,10 @@ varied length, and measures:
   model, rows and settings: non-padding tokens per second of training-loop time, their ratio, the model FLOPs
   utilisation (6·N·tokens/s for full, 4·N for lora — forward 2N, backward through frozen weights 2N — over the
   GPU's dense bf16 peak) and peak allocated memory;
-- packed vs padded batches, the memory pre-flight's prediction vs torch.cuda.max_memory_allocated, and QLoRA:
-  measured when swiftci (and the wheels) offer them, otherwise reported as skipped with the reason.
+- the memory estimate (`swiftci estimate`, train's pre-flight) against torch.cuda.max_memory_allocated of swiftci
+  train, lora and full, on rows that fill max_length (goal: within ±15 %);
+- packed vs padded batches and QLoRA: measured when swiftci (and the wheels) offer them, otherwise reported as
+  skipped with the reason.
 
 Writes gpu_check.json and gpu_check.md to --out (default: $OUT, else ./gpu-check-out). A part that cannot run is
 reported as skipped with its reason; the script fails only when nothing could be measured.
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     result["model_parameters"] = n_params
     for tuner in ("lora", "full"):
         result["parts"][f"train_{tuner}"] = compare(work / tuner, model_dir, data, tuner, n_params, result, env)
+    result["parts"]["memory_estimate"] = memory_estimate(work / "memory", model_dir, result, env)
     result["parts"].update(optional_parts())
     return finish(args.out, result, started)
 
@@ -196,6 +199,47 @@ def run_baseline(model_dir: Path, data: Path, tuner: str, batch: int, max_length
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# --- the memory pre-flight's estimate against the measured peak ----------------------------------------------------
+
+
+def memory_estimate(work: Path, model_dir: Path, result: dict, env: dict) -> dict:
+    """`swiftci estimate`'s figure (without its CUDA allowance) against torch.cuda.max_memory_allocated of swiftci
+    train, lora and full, on rows that all fill max_length (the estimate's case); the goal is within ±15 %."""
+    if not result["machine"]["cuda"]:
+        return skipped("no CUDA: the train report's peak here is the host's RSS, not tensor memory "
+                       "(bench/estimate_accuracy.py compares the estimate with torch's tensor peak on CPU)")
+    from swiftci import config, estimate
+
+    _, _, _, _, _, _, max_length, batch = SIZES[result["mode"]]
+    precision = "bf16" if result["machine"].get("bf16") else "fp32"
+    rows = work / "long-rows.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(11)
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "say"}, {
+        "role": "assistant", "content": "".join(rng.choice(string.ascii_lowercase) for _ in range(2 * max_length))}]})
+        + "\n" for _ in range(4 * batch)))
+    part: dict = {"status": "measured", "precision": precision, "batch_size": batch, "max_length": max_length}
+    for tuner in ("lora", "full"):
+        cfg = {"name": "gpu-check-memory", "output_dir": str(work / tuner), "model": {"id": str(model_dir)},
+               "data": {"train": str(rows), "format": "messages"},
+               "train": {"tuner": tuner, "precision": precision, "lora": {"rank": 16, "alpha": 32, "dropout": 0.0},
+                         "batch_size": batch, "max_length": max_length, "max_steps": 3, "save_steps": 10**6,
+                         "logging_steps": 1, "seed": 42}}
+        path = work / f"{tuner}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        try:
+            subprocess.run([sys.executable, "-m", "swiftci.cli", "train", "-c", str(path)], check=True,
+                           capture_output=True, text=True, env=env)
+        except subprocess.CalledProcessError as e:
+            return {"status": "failed", "reason": (e.stderr or "")[-1500:]}
+        measured = json.loads((work / tuner / "train/train_report.json").read_text())["metrics"]["peak_memory_mb"]
+        verdict = estimate.judge(config.load(path), estimate.Parallelism(), None, precision=precision)
+        part[f"{tuner}_estimate_mib"] = round(verdict.estimate.tensors / 2**20, 1)
+        part[f"{tuner}_measured_mib"] = measured
+        part[f"{tuner}_ratio"] = round(verdict.estimate.tensors / 2**20 / measured, 3)
+    return part
+
+
 # --- what swiftci does not offer yet -----------------------------------------------------------------------------
 
 
@@ -211,8 +255,6 @@ def optional_parts() -> dict:
     parts = {}
     parts["packed_vs_padded"] = skipped("swiftci has no packed batches yet (train.packing: the throughput issue)") \
         if "packing" not in train_keys else skipped("packing exists: add its measurement here")
-    parts["memory_estimate"] = skipped("swiftci has no memory pre-flight yet (`swiftci estimate`: the scale-out "
-                                       "issue)")
     parts["qlora"] = skipped("bitsandbytes is not installed here and not among the carried wheels") \
         if importlib.util.find_spec("bitsandbytes") is None else skipped("bitsandbytes found: add the QLoRA run")
     return parts
@@ -240,6 +282,12 @@ def markdown(result: dict) -> str:
     for name, p in result["parts"].items():
         if p["status"] != "measured":
             lines.append(f"| {name} | {p['status']}: {p['reason'][:200]} | | | | |")
+            continue
+        if name == "memory_estimate":
+            lines.append(f"| {name} ({p['precision']}, batch {p['batch_size']} × {p['max_length']}) | estimate / "
+                         f"peak allocated: lora {p['lora_ratio']:.2f} ({p['lora_estimate_mib']:,.0f} / "
+                         f"{p['lora_measured_mib']:,.0f} MiB), full {p['full_ratio']:.2f} "
+                         f"({p['full_estimate_mib']:,.0f} / {p['full_measured_mib']:,.0f} MiB) | | | | |")
             continue
         mfu = "—" if p["swiftci_mfu"] is None else f"{p['swiftci_mfu']:.1%} / {p['trainer_mfu']:.1%}"
         lines.append(f"| {name} ({p['precision']}, batch {p['batch_size']}) | {p['swiftci_tokens_per_second']:,.0f} | "
