@@ -46,7 +46,9 @@ def _beyond(before: float | None, after: float | None, limit: str) -> bool:
 
 
 def _report(folder: Path, stage: str) -> dict:
-    report = reports.read_json(folder / stage / stages.get(stage).report)
+    """A stage's report, or {} when that run did not run the stage (its figures then show as —)."""
+    path = folder / stage / stages.get(stage).report
+    report = reports.read_json(path) if path.is_file() else None
     return report if isinstance(report, dict) else {}
 
 

@@ -172,3 +172,13 @@ def test_no_green_run_yet_is_not_an_error_and_this_run_is_never_its_own_baseline
     monkeypatch.delenv("GITHUB_TOKEN")
     proc = swiftci_in_process("last-green", "-c", str(light), "--out", str(tmp_path / "lg"))
     assert proc.returncode == 2 and "GITHUB_TOKEN" in proc.stderr and "actions: read" in proc.stderr
+
+
+def test_a_stage_only_one_run_ran_shows_as_missing_not_as_a_crash(two_runs):
+    cfg, green = two_runs
+    shutil.rmtree(cfg.parent / "out/evaluate")  # this run trained only
+    proc = swiftci_in_process("guard", "-c", str(cfg), "--against", str(green), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    deltas = {d["name"]: d for d in json.loads(proc.stdout)["deltas"]}
+    assert deltas["tiny_reverse/exact_match"]["after"] is None and not deltas["tiny_reverse/exact_match"]["flagged"]
+    assert deltas["train tokens/s"]["flagged"]
