@@ -224,6 +224,8 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Fine-tune the base model (LoRA, QLoRA or full SFT)."""
     cfg = _load(config_path, overrides)
     report = _run_one(cfg, "train", show_report=False, resume=resume)
+    if "rank" in report:  # a process of a distributed training other than rank 0: rank 0 speaks for the run
+        return
     m = report["metrics"]
     click.echo(f"train: ok  run {report['run_id']}  loss {_num(m['train_loss_first'])} → "
                f"{_num(m['train_loss_last'])}  {m['steps']} steps  {_num(m['tokens_per_second'], 0)} tok/s  "
