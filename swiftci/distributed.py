@@ -230,7 +230,7 @@ def launch(cfg: Config, out: Path, run_id: str, resume_from: Path | None, resume
         raise
     if code == 0:
         return None
-    return failure(ranks, code)
+    return failure(ranks, code, processes_per_node(cfg) * cfg.train.distributed.nnodes)
 
 
 def record_error(out: Path, e: SwiftCIError) -> None:
@@ -244,21 +244,25 @@ def record_error(out: Path, e: SwiftCIError) -> None:
                         "hint": e.hint, **extra})
 
 
-def failure(ranks: Path, code: int) -> SwiftCIError:
-    """The one error of a failed run: rank 0's when it said why, else the lowest rank's that did; a rank that
-    died without a word (killed, out of host memory) is named as such."""
+def failure(ranks: Path, code: int, world_size: int) -> SwiftCIError:
+    """The one error of a failed run: the lowest rank's that said why. A rank that ended without a word (killed,
+    out of host memory) is the cause when the others only report the broken connection it left."""
     said = sorted((reports.read_json(p) for p in ranks.glob("rank-*.error.json")), key=lambda e: e["rank"])
-    if not said:
-        return StageError(f"a training process died without reporting an error (killed by a signal, or out of host "
-                          f"memory); torchrun stopped the others and exited with {code}", kind="RankDied",
-                          hint="read the job log for the first rank that stopped; `dmesg` shows the OOM killer")
-    first = said[0]
-    message = f"rank {first['rank']}: {first['message']}"
-    if first["exit_code"] == EXIT_DIVERGED:
-        return Diverged(message, step=first["step"], last_good_step=first["last_good_step"])
-    if first["exit_code"] == EXIT_USAGE:
-        return UsageError(message, kind=first["kind"], hint=first["hint"])
-    return StageError(message, kind=first["kind"], hint=first["hint"])
+    silent = sorted(set(range(world_size)) - {e["rank"] for e in said})
+    first = said[0] if said else None
+    if first is not None and not (silent and first["kind"] == "StageError"):
+        message = f"rank {first['rank']}: {first['message']}"
+        if first["exit_code"] == EXIT_DIVERGED:
+            return Diverged(message, step=first["step"], last_good_step=first["last_good_step"])
+        if first["exit_code"] == EXIT_USAGE:
+            return UsageError(message, kind=first["kind"], hint=first["hint"])
+        return StageError(message, kind=first["kind"], hint=first["hint"])
+    then = f"; then rank {first['rank']}: {first['message']}" if first is not None else ""
+    return StageError(f"a training process ended without reporting an error (rank {', '.join(map(str, silent))}: "
+                      f"killed by a signal or out of host memory, or stopped by torchrun when another rank "
+                      f"failed){then}; torchrun stopped the others and exited with {code}", kind="RankDied",
+                      hint="the job log shows which rank stopped first (torchrun's \"Root Cause\"); `dmesg` shows "
+                           "the OOM killer")
 
 
 # --- what each rank trained on ---------------------------------------------------------------------------------
@@ -291,6 +295,20 @@ def gather_rows(trainer: Any, out: Path) -> list[int]:
     if is_main_process():
         reports.write_json(out / RANKS_DIR / "rows.json", {f"rank-{i}": rows for i, rows in enumerate(everyone)})
     return [len(rows) for rows in everyone]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any: a stop decision (train.max_runtime) all ranks take at the same
+    step, since a rank that stops alone leaves the others waiting in the next collective."""
+    import torch
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return flag
+    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier() -> None:

@@ -147,7 +147,13 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
         return _run_launched(cfg, resume, notifier)
     if cfg.train.then is not None:
         return _run_chain(cfg, resume, notifier)
-    return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)
+    worker = distributed.worker()
+    if worker is None or not worker.launched_here:
+        return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)
+    try:
+        return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)
+    except SwiftCIError as e:  # recorded for the launcher, which tells the run's one error
+        raise SystemExit(e.exit_code) from None
 
 
 def _run_launched(cfg: Config, resume: bool, notifier: Notifier | None) -> dict:
@@ -908,7 +914,10 @@ class Progress:
         elif not self.start_sent and (state.global_step - self.first_step >= 2 or state.global_step >= state.max_steps):
             per_step = (now - self.first_step_at) / max(1, state.global_step - self.first_step)
             self._started(per_step * (state.max_steps - state.global_step) + (now - self.t0), state.max_steps)
-        if self.max_runtime is not None and now - self.job.started >= self.max_runtime and self.out_of_time_at is None:
+        out_of_time = self.max_runtime is not None and now - self.job.started >= self.max_runtime
+        if self.max_runtime is not None and distributed.worker() is not None:
+            out_of_time = distributed.any_rank(out_of_time)  # every rank stops at the same step
+        if out_of_time and self.out_of_time_at is None:
             self.out_of_time_at = state.global_step  # save a checkpoint at this step, then stop
             control.should_save = control.should_training_stop = True
 
