@@ -804,6 +804,10 @@ def _save_gathered(cfg: Config, out: Path, trainer: Any, tokenizer: Any, dtype: 
     if tc.tuner != "full" and tc.merge:
         outputs["model"] = "model"
         if distributed.is_main_process():
+            if tc.distributed.strategy == "deepspeed":  # else from_pretrained partitions the base with ZeRO-3's
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # zero.Init: a collective
+
+                unset_hf_deepspeed_config()
             base = models.load_causal_lm(cfg.model.id, cfg.model.revision, cfg.model_local_path, dtype=dtype)
             _save_atomic(out / "model", lambda d: models.merge_adapter(base, out / "adapter", d, tokenizer))
     return outputs
