@@ -767,8 +767,10 @@ def _save(cfg: Config, out: Path, trainer: Any, tokenizer: Any, dtype: Any) -> d
     dc = tc.distributed
     if dc.strategy == "fsdp" or (dc.strategy == "deepspeed" and (dc.zero_stage or 2) == 3):
         return _save_gathered(cfg, out, trainer, tokenizer, dtype)
-    if not distributed.is_main_process():
-        return {"model": "model"} if tc.tuner == "full" else {"adapter": "adapter", **({"model": "model"} if tc.merge else {})}
+    if not distributed.is_main_process():  # what rank 0 writes
+        if tc.tuner == "full":
+            return {"model": "model"}
+        return {"adapter": "adapter", **({"model": "model"} if tc.merge else {})}
     if tc.tuner == "full":
         _save_atomic(out / "model", lambda d: (trainer.model.save_pretrained(d), tokenizer.save_pretrained(d)))
         return {"model": "model"}
