@@ -255,6 +255,8 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, launcher: 
         click.echo(f"train: ok  run {report['run_id']}  {job['kind']} {job['namespace']}/{job['name']}  "
                    f"outputs: volume {report['remote']['volume']}:{report['remote']['stage_dir']}")
         return
+    if "rank" in report:  # a process of a distributed training other than rank 0: rank 0 speaks for the run
+        return
     m = report["metrics"]
     click.echo(f"train: ok  run {report['run_id']}  loss {_num(m['train_loss_first'])} → "
                f"{_num(m['train_loss_last'])}  {m['steps']} steps  {_num(m['tokens_per_second'], 0)} tok/s  "

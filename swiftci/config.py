@@ -356,6 +356,45 @@ class KubernetesTrainConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    """Training on several processes (GPUs, or CPU processes with gloo): `swiftci train` launches itself under
+    torchrun; each process trains on its own share of every batch."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        default="none", description="`none`: one process; `ddp`: a full copy of the model per process, gradients "
+        "averaged (fits when one device holds the model and its optimizer); `fsdp`: PyTorch FSDP shards weights, "
+        "gradients and optimizer state (FSDP2; needs CUDA GPUs); `deepspeed`: DeepSpeed ZeRO (`zero_stage`, "
+        "`offload`; needs the deepspeed package).")
+    nproc_per_node: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
+        default="auto", description="Processes per machine: `auto` = one per visible CUDA GPU (1 on CPU), or a "
+        "number, e.g. 8, or 2 to run two CPU processes with gloo.")
+    nnodes: int = Field(default=1, gt=0, description="Machines in the job (torchrun's --nnodes); more than 1 needs a "
+                        "launcher that starts every machine (see README, \"Scaling up\").")
+    zero_stage: Literal[2, 3] | None = Field(
+        default=None, description="deepspeed only: ZeRO stage 2 (optimizer state and gradients sharded) or 3 "
+        "(weights too; the model is gathered to a full state dict when saved). Unset with deepspeed: 2.")
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
+        default="none", description="deepspeed only: move the optimizer state (`optimizer`, ZeRO-2 or 3), or it and "
+        "the weights (`optimizer_and_params`, ZeRO-3), to host memory — slower steps, much less GPU memory.")
+    timeout_seconds: int = Field(
+        default=60, gt=0, description="How long a process waits for the others at a collective before the run "
+        "fails (exit 3): a dead or stuck rank ends the run instead of hanging it.")
+
+    @model_validator(mode="after")
+    def _options_fit_strategy(self) -> DistributedConfig:
+        if self.strategy != "deepspeed":
+            for name, unset in (("zero_stage", None), ("offload", "none")):
+                if getattr(self, name) != unset:
+                    raise ValueError(f"{name}: is a DeepSpeed setting; set `strategy: deepspeed` or remove it")
+        if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+            raise ValueError("offload: `optimizer_and_params` needs the weights partitioned, i.e. `zero_stage: 3`; "
+                             "with ZeRO-2 use `offload: optimizer`")
+        if self.strategy == "none" and (self.nproc_per_node != "auto" or self.nnodes != 1):
+            raise ValueError("strategy: several processes need a strategy (`ddp`, `fsdp` or `deepspeed`); set one, "
+                             "or leave nproc_per_node and nnodes unset")
+        return self
+
+
 class TrainConfig(Section):
     method: Literal["sft", "dpo", "kto", "orpo", "simpo"] = Field(
         default="sft", description="`sft` (supervised fine-tuning on messages/alpaca rows) or preference tuning on "
@@ -426,6 +465,10 @@ class TrainConfig(Section):
         description="Training health: a NaN/inf loss or gradient norm always stops training within one logging "
         "step (exit 4), keeping the last good checkpoint.",
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Several processes: DDP, FSDP or DeepSpeed ZeRO, launched "
+        "with torchrun (README, \"Scaling up\"). Default: one process.",
+    )
     then: ThenConfig | None = Field(
         default=None, description="A preference step trained on top of this (sft) step's model in the same run, "
         "e.g. `{method: dpo, data: {train: data/pairs.jsonl}}`; later stages take its model. Unset: one step.",
@@ -455,6 +498,20 @@ class TrainConfig(Section):
         if self.packing == "padding_free" and self.method != "sft":
             raise ValueError(f"packing: padding_free is for method sft; {self.method} pads its pairs — set "
                              "train.packing: auto or none")
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> TrainConfig:
+        dist = self.distributed
+        if dist.strategy == "deepspeed" and dist.zero_stage == 3 and self.tuner == "qlora":
+            raise ValueError("distributed.zero_stage: bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3; "
+                             "use zero_stage: 2 or tuner: lora")
+        if dist.strategy == "fsdp" and self.tuner == "qlora":
+            raise ValueError("distributed.strategy: FSDP cannot shard bitsandbytes 4-bit weights here; use "
+                             "strategy: ddp or deepspeed with zero_stage: 2, or tuner: lora")
+        if dist.strategy != "none" and (self.then is not None or self.method != "sft"):
+            raise ValueError("distributed.strategy: several processes are supported for one sft step so far; "
+                             "remove `then` and use method: sft, or set strategy: none")
         return self
 
 
@@ -1126,6 +1183,7 @@ class Config(Section):
     _env_values: list[str] = PrivateAttr(default_factory=list)
     _warnings: list[str] = PrivateAttr(default_factory=list)
     _model_files: Any = PrivateAttr(default=None)  # hub.ModelFiles once the base model's bytes were checked
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     def _method_fits_data(self) -> None:
         method, fmt = self.train.method, self.data.format
@@ -1227,6 +1285,11 @@ class Config(Section):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The `--set KEY=VALUE` overrides it was loaded with (a relaunched process loads it the same way)."""
+        return self._overrides
 
     @property
     def env_values(self) -> list[str]:
@@ -1486,6 +1549,7 @@ def load(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ..
     cfg._base_dir = path.resolve().parent
     cfg._source = label
     cfg._env_values = secrets
+    cfg._overrides = tuple(overrides)
     if cfg.model_local_path is None and cfg.model.revision is None:
         cfg._warnings.append(
             f"{label}:{where.line_of(('model', 'id'))}: model.revision: not set, so the hub's default branch is "

@@ -225,6 +225,13 @@ class Parallelism:
     zero_stage: int = 2  # deepspeed only: 2 shards gradients and optimizer states, 3 the weights too
     offload: str = "none"  # none | optimizer | optimizer_and_params
 
+    @classmethod
+    def of(cls, cfg: Config, gpus: int) -> Parallelism:
+        """What `train.distributed` asks for, on `gpus` devices per node (one process per GPU)."""
+        d = cfg.train.distributed
+        return cls(gpus=gpus * d.nnodes if d.strategy != "none" else 1, strategy=d.strategy,
+                   zero_stage=d.zero_stage or 2, offload=d.offload)
+
     @property
     def shards_states(self) -> bool:
         return self.gpus > 1 and self.strategy in ("fsdp", "deepspeed")

@@ -11,13 +11,16 @@ from typing import Any
 from swiftci import preflight, stages
 from swiftci.config import Config
 from swiftci.errors import SwiftCIError, UsageError
-from swiftci.notify import Message, Notifier, failure_message, finish_message
+from swiftci.notify import Message, Notifier, failure_message, finish_message, null_notifier
 
 
 @contextmanager
 def notifications(cfg: Config) -> Iterator[Notifier]:
-    """A notifier for this command; on exit it waits a bounded time for queued messages, never longer."""
-    notifier = Notifier(cfg)
+    """A notifier for this command; on exit it waits a bounded time for queued messages, never longer. A process of
+    a distributed training other than the one that speaks for it (distributed.notifies) sends nothing."""
+    from swiftci import distributed
+
+    notifier = Notifier(cfg) if distributed.notifies() else null_notifier(cfg)
     try:
         yield notifier
     finally:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import hub, models, preference, provenance, quiet, reports, runinfo, stages
+from swiftci import distributed, hub, models, preference, provenance, quiet, reports, runinfo, stages
 from swiftci.config import NOT_DECIDING, Config, duration_seconds
 from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
@@ -74,8 +74,8 @@ def check_runnable(cfg: Config) -> None:
 
 def memory_preflight(cfg: Config) -> None:
     """On CUDA GPUs, before anything loads: refuse (exit 2, with the cheapest fix) a training whose estimated memory
-    (swiftci/estimate.py, from config.json alone) exceeds the smallest visible GPU's. One process trains on one GPU
-    here; `train.preflight: false` skips the check, and on CPU there is nothing to check against."""
+    (swiftci/estimate.py, from config.json alone) exceeds the smallest visible GPU's, sharded as `train.distributed`
+    says; `train.preflight: false` skips the check, and on CPU there is nothing to check against."""
     from swiftci import estimate
 
     if not cfg.train.preflight:
@@ -85,7 +85,9 @@ def memory_preflight(cfg: Config) -> None:
         return
     steps = [cfg.train] if cfg.train.then is None else [cfg.train, cfg.train.then.step(cfg.train)]
     for step in steps:
-        verdict = estimate.preflight(cfg.model_copy(update={"train": step}), gpus[1])
+        procs = gpus[0] if cfg.train.distributed.nproc_per_node == "auto" else cfg.train.distributed.nproc_per_node
+        verdict = estimate.preflight(cfg.model_copy(update={"train": step}), gpus[1],
+                                     estimate.Parallelism.of(cfg, procs))
         print(f"train pre-flight: {step.method} needs about {verdict.estimate.total / estimate.GIB:.1f} GiB of the "
               f"GPU's {gpus[1] / estimate.GIB:.1f} GiB ({estimate.describe(verdict)})", flush=True)
 
@@ -162,10 +164,56 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
 
         return kubetrain.run(cfg, resume=resume)
     check_runnable(cfg)
+    if cfg.train.distributed.strategy != "none":
+        distributed.check(cfg, resume)
     memory_preflight(cfg)
+    if distributed.launches(cfg):
+        return _run_launched(cfg, resume, notifier)
     if cfg.train.then is not None:
         return _run_chain(cfg, resume, notifier)
-    return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)
+    worker = distributed.worker()
+    if worker is None or not worker.launched_here:
+        return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)
+    try:
+        return _run_step(cfg, cfg.stage_dir(STAGE), resume, notifier)
+    except SwiftCIError as e:  # recorded for the launcher, which tells the run's one error
+        raise SystemExit(e.exit_code) from None
+
+
+def _run_launched(cfg: Config, resume: bool, notifier: Notifier | None) -> dict:
+    """train.distributed: prepare the run here (run id, resume point, the running report, distributed.json), train
+    in torchrun's processes, and stand for them: their outcome becomes this report and this error."""
+    out = cfg.stage_dir(STAGE)
+    prepared = _prepare(cfg, out, resume)
+    if isinstance(prepared, dict):
+        return prepared
+    run_id, last_checkpoint = prepared
+    job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg))
+    _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
+    distributed.write_settings(cfg, out)
+    error = distributed.launch(cfg, out, run_id, last_checkpoint, resume)
+    report = reports.read_json(out / stages.TRAIN.report)
+    if error is None and report.get("status") == "ok":
+        return report
+    error = error or StageError("the training processes ended without a finished report")
+    if report.get("status") != "failed":  # rank 0 died before it could say so
+        _fail(job, error)
+    raise error
+
+
+def _prepare(cfg: Config, out: Path, resume: bool) -> dict | tuple[str, Path | None]:
+    """A finished run of this config to keep (its report), or (run id, checkpoint to resume from) of a new one."""
+    fingerprint = stages.fingerprint(cfg, STAGE)  # hashes the data files: once per step
+    finished = stages.reusable(cfg, STAGE, current=fingerprint) if out == cfg.stage_dir(STAGE) else None
+    if finished is not None and resume:
+        print(f"--resume: {finished['run_id']} already finished with this config and data; nothing to resume, its "
+              f"report and outputs in {out} are left as they are", flush=True)
+        return finished
+    if finished is not None:
+        print(f"note: {out} holds the finished run {finished['run_id']} of this same config and data; training "
+              "again from the start (`--resume` keeps it)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return _resume_point(cfg, out / "checkpoints", resume)
 
 
 def _run_chain(cfg: Config, resume: bool, notifier: Notifier | None) -> dict:
@@ -222,27 +270,30 @@ def _finished_step(cfg: Config, out: Path) -> dict | None:
 
 
 def _run_step(cfg: Config, out: Path, resume: bool, notifier: Notifier | None, parent: dict | None = None) -> dict:
-    fingerprint = stages.fingerprint(cfg, STAGE)  # hashes the data files: once per step
-    finished = stages.reusable(cfg, STAGE, current=fingerprint) if out == cfg.stage_dir(STAGE) else None
-    if finished is not None and resume:
-        print(f"--resume: {finished['run_id']} already finished with this config and data; nothing to resume, its "
-              f"report and outputs in {out} are left as they are", flush=True)
-        return finished
-    if finished is not None:
-        print(f"note: {out} holds the finished run {finished['run_id']} of this same config and data; training "
-              "again from the start (`--resume` keeps it)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    run_id, last_checkpoint = _resume_point(cfg, out / "checkpoints", resume)
+    worker = distributed.worker()
+    if worker is not None and worker.launched_here:  # the launcher prepared the run and reports what happens
+        prepared: dict | tuple[str, Path | None] = (os.environ[distributed.RUN_ID],
+                                                    Path(os.environ[distributed.RESUME_FROM] or ".") if
+                                                    os.environ[distributed.RESUME_FROM] else None)
+        notifier = Notifier(cfg) if worker.main else None  # the start and progress messages are rank 0's
+    elif worker is not None and not worker.main:  # under someone else's torchrun: rank 0 prepares the folder
+        prepared = _resume_point_of(cfg, out / "checkpoints", resume)
+    else:
+        prepared = _prepare(cfg, out, resume)
+    if isinstance(prepared, dict):
+        return prepared
+    run_id, last_checkpoint = prepared
     job = Job(cfg, out, run_id, last_checkpoint, notifier or null_notifier(cfg),
-              fingerprint=fingerprint, parent=parent)
-    _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
+              fingerprint=stages.fingerprint(cfg, STAGE), parent=parent)
+    if worker is None or not worker.launched_here:
+        _write(job, reports.new_report(STAGE, stages.RUNNING, run_id=run_id), [])
     stall = StallWatchdog(cfg.train.watchdog.stall_minutes * 60, lambda: _hard_stall(job, stall))
     idle = IdleWatch(cfg, stall, job.notifier)
     try:
         idle.start()
         return _train(job, stall)
     except Diverged as e:
-        suspects = _quarantine(job.checkpoints, e.last_good_step)
+        suspects = _quarantine(job.checkpoints, e.last_good_step) if distributed.is_main_process() else []
         good = _last_checkpoint(job.checkpoints)
         _fail(job, e, step=e.step, last_good_checkpoint=good.name if good else None, quarantined=suspects)
         raise
@@ -263,6 +314,8 @@ def _run_step(cfg: Config, out: Path, resume: bool, notifier: Notifier | None, p
     finally:
         idle.stop()
         stall.stop()
+        if worker is not None and worker.launched_here and worker.main:
+            job.notifier.close()
 
 
 def _train(job: Job, stall: StallWatchdog) -> dict:
@@ -294,6 +347,12 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
     outputs = _save(cfg, job.out, trainer, tokenizer, dtype)
     metrics = {**_metrics(job, trainer, fit, progress.records, validation_loss), **parameters,
                "gpu_hours_estimated": progress.gpu_hours_estimate}
+    if distributed.worker() is not None:
+        metrics["distributed"] = {"strategy": tc.distributed.strategy, "world_size": trainer.args.world_size,
+                                  "rows_per_rank": distributed.gather_rows(trainer, job.out)}
+    worker = distributed.worker()
+    if worker is not None and not worker.main:
+        return {"status": "ok", "rank": worker.rank, "run_id": job.run_id, "metrics": metrics}
     if tc.method != "sft":  # trl's rewards at the last logging step, and on the held-out pairs
         last = progress.records[-1] if progress.records else {}
         metrics["preference"] = {k: v for k, v in last.items() if k.startswith(preference.LOGGED_KEYS)}
@@ -309,6 +368,8 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
     if plot_loss(job.out, job.run_id) is not None:
         report["loss_plot"] = "loss.png"
     _write(job, report, progress.records)
+    if worker is not None and worker.launched_here:  # the launcher reads the report and speaks for the run
+        return {"status": "ok", "rank": worker.rank, "run_id": job.run_id, "metrics": metrics}
     return report
 
 
@@ -316,7 +377,11 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
 
 
 def _fail(job: Job, e: SwiftCIError, **extra: Any) -> SwiftCIError:
-    """Replace the running report with a failed one (what went wrong, the fix); returns the error to raise."""
+    """Replace the running report with a failed one (what went wrong, the fix); returns the error to raise.
+    In a distributed run every rank records its error for the launcher; rank 0 writes the report."""
+    distributed.record_error(job.out, e)
+    if not distributed.is_main_process():
+        return e
     report = reports.new_report(STAGE, "failed", run_id=job.run_id,
                                 error=stages.error(str(e), e.kind, e.hint, **extra),
                                 metrics={"wall_seconds": round(time.monotonic() - job.started, 2)})
@@ -456,6 +521,14 @@ def _train_fingerprint(cfg: Config) -> str:
     """Hash of what decides the trained weights: model, data, train sections (not notifications or later stages)."""
     parts = {k: getattr(cfg, k).model_dump(mode="json", exclude=NOT_DECIDING.get(k)) for k in ("model", "data", "train")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _resume_point_of(cfg: Config, ckpt_dir: Path, resume: bool) -> tuple[str, Path | None]:
+    """A rank other than 0 under a cluster's torchrun: the run id and checkpoint rank 0 picks, read, never written."""
+    last = _last_checkpoint(ckpt_dir) if resume and (ckpt_dir / RUN_MARKER).is_file() else None
+    if last is not None:
+        return json.loads((ckpt_dir / RUN_MARKER).read_text())["run_id"], last
+    return runinfo.run_id(cfg.name, cfg.train.method, cfg.resolve(".")), None
 
 
 def _resume_point(cfg: Config, ckpt_dir: Path, resume: bool) -> tuple[str, Path | None]:
@@ -602,6 +675,7 @@ def _settings(cfg: Config, ckpt_dir: Path, precision: str) -> dict:
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
         use_liger_kernel=kernels_choice(cfg).used == "liger",
+        **(distributed.trainer_arguments(cfg) if distributed.worker() is not None else {}),
     )
 
 
@@ -657,7 +731,8 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
     tc = job.cfg.train
     # classes built here because transformers is imported lazily: our methods first, the library's behind them
     callback_class = type("SwiftProgress", (Progress, TrainerCallback), {})
-    trainer_class = type("SwiftTrainer", (_GroupedByLength, Trainer), {})
+    ledger = (distributed.RowLedger,) if distributed.worker() is not None else ()
+    trainer_class = type("SwiftTrainer", (*ledger, _GroupedByLength, Trainer), {})
     progress = callback_class(job, _loss_history(job.out / "loss.jsonl", job.last_checkpoint), stall)
     if tc.method != "sft":
         trainer = preference.make_trainer(job.cfg, model, tokenizer, data.train, data.validation,
@@ -667,9 +742,14 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
     trainer = trainer_class(model=model, args=_training_arguments(job.cfg, job.checkpoints, precision),
                             train_dataset=data.train, data_collator=_collator(packing, tokenizer),
                             processing_class=tokenizer, callbacks=[progress])
+    # grouped by the global batch (every rank's share of one optimizer step), so N processes see the rows one
+    # process would, split between them
     trainer.swiftci_sampler = LengthGroupedSampler([len(x["input_ids"]) for x in data.train],
-                                                   tc.batch_size * tc.gradient_accumulation, tc.seed)
+                                                   tc.batch_size * tc.gradient_accumulation * trainer.args.world_size,
+                                                   tc.seed)
+    trainer.swiftci_rows = []
     trainer.remove_callback(PrinterCallback)  # Progress prints one line per logging step instead
+    distributed.check_trainer(job.cfg, trainer)
     return trainer, progress
 
 
@@ -704,8 +784,16 @@ def _fit(trainer: Any, last_checkpoint: Path | None) -> Fit:
 
 
 def _save(cfg: Config, out: Path, trainer: Any, tokenizer: Any, dtype: Any) -> dict[str, str]:
-    """adapter/ (lora, qlora), model/ (full, or the adapter merged when train.merge); returns what was written."""
+    """adapter/ (lora, qlora), model/ (full, or the adapter merged when train.merge); returns what was written.
+    Sharded weights (ZeRO-3, FSDP) are gathered by every rank together; otherwise rank 0 saves alone."""
     tc = cfg.train
+    dc = tc.distributed
+    if dc.strategy == "fsdp" or (dc.strategy == "deepspeed" and (dc.zero_stage or 2) == 3):
+        return _save_gathered(cfg, out, trainer, tokenizer, dtype)
+    if not distributed.is_main_process():  # what rank 0 writes
+        if tc.tuner == "full":
+            return {"model": "model"}
+        return {"adapter": "adapter", **({"model": "model"} if tc.merge else {})}
     if tc.tuner == "full":
         _save_atomic(out / "model", lambda d: (trainer.model.save_pretrained(d), tokenizer.save_pretrained(d)))
         return {"model": "model"}
@@ -719,6 +807,35 @@ def _save(cfg: Config, out: Path, trainer: Any, tokenizer: Any, dtype: Any) -> d
         merged = trainer.model.merge_and_unload()
         _save_atomic(out / "model", lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)))
     return {"adapter": "adapter", "model": "model"}
+
+
+def _save_gathered(cfg: Config, out: Path, trainer: Any, tokenizer: Any, dtype: Any) -> dict[str, str]:
+    """ZeRO-3 / FSDP: every rank takes part in gathering the full state dict (trainer.save_model); rank 0 writes a
+    normal Hugging Face folder, and merges an adapter into a freshly loaded base."""
+    tc = cfg.train
+    name = "model" if tc.tuner == "full" else "adapter"
+    tmp = out / f".{name}.tmp"
+    if distributed.is_main_process() and tmp.exists():
+        shutil.rmtree(tmp)
+    distributed.barrier()
+    trainer.save_model(str(tmp))  # a collective: gathers the shards, rank 0 writes
+    distributed.barrier()
+    outputs = {name: name}
+    if distributed.is_main_process():
+        tokenizer.save_pretrained(tmp)
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        os.replace(tmp, out / name)
+    if tc.tuner != "full" and tc.merge:
+        outputs["model"] = "model"
+        if distributed.is_main_process():
+            if tc.distributed.strategy == "deepspeed":  # else from_pretrained partitions the base with ZeRO-3's
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # zero.Init: a collective
+
+                unset_hf_deepspeed_config()
+            base = models.load_causal_lm(cfg.model.id, cfg.model.revision, cfg.model_local_path, dtype=dtype)
+            _save_atomic(out / "model", lambda d: models.merge_adapter(base, out / "adapter", d, tokenizer))
+    return outputs
 
 
 def _metrics(job: Job, trainer: Any, fit: Fit, records: list[dict], validation_loss: float | None) -> dict:
@@ -770,11 +887,15 @@ def _lineage(job: Job, base_record: dict, data_record: dict, precision: str, out
         "environment": provenance.environment(),  # python, torch/CUDA/cuDNN/driver, packages, GPUs
         **({"reproduce": provenance.reproduce_record(cfg)} if cfg.reproduce else {}),
         "outputs": outputs,
+        **({"distributed": {"settings_file": distributed.SETTINGS_FILE, **distributed.settings(cfg)}}
+           if cfg.train.distributed.strategy != "none" else {}),
         **({"parent": job.parent} if job.parent else {}),
     }
 
 
 def _write(job: Job, report: dict, records: list[dict]) -> None:
+    if not distributed.is_main_process():
+        return
     reports.write_json(job.out / stages.TRAIN.report, report)
     reports.write_text(job.out / stages.TRAIN.markdown, render_markdown(report, records))
 
@@ -824,7 +945,10 @@ class Progress:
         elif not self.start_sent and (state.global_step - self.first_step >= 2 or state.global_step >= state.max_steps):
             per_step = (now - self.first_step_at) / max(1, state.global_step - self.first_step)
             self._started(per_step * (state.max_steps - state.global_step) + (now - self.t0), state.max_steps)
-        if self.max_runtime is not None and now - self.job.started >= self.max_runtime and self.out_of_time_at is None:
+        out_of_time = self.max_runtime is not None and now - self.job.started >= self.max_runtime
+        if self.max_runtime is not None and distributed.worker() is not None:
+            out_of_time = distributed.any_rank(out_of_time)  # every rank stops at the same step
+        if out_of_time and self.out_of_time_at is None:
             self.out_of_time_at = state.global_step  # save a checkpoint at this step, then stop
             control.should_save = control.should_training_stop = True
 
@@ -856,6 +980,9 @@ class Progress:
                "tokens": state.num_input_tokens_seen, "elapsed_s": round(time.monotonic() - self.t0, 2),
                **preference.logged(logs)}
         self.records.append(rec)
+        if not distributed.is_main_process():  # the logged loss is averaged over the ranks: each checks it alike
+            self._check_health(rec)
+            return
         with open(self.job.out / "loss.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         gn = rec["grad_norm"]
@@ -953,13 +1080,16 @@ def _tokens_seen(ckpt: Path | None) -> int:
 
 def _loss_history(loss_path: Path, last_ckpt: Path | None) -> list[dict]:
     """On resume, keep the logged steps up to the checkpoint; on a fresh run, start an empty log."""
+    main = distributed.is_main_process()  # in a distributed run, rank 0 keeps the log
     if last_ckpt is None or not loss_path.is_file():
-        reports.write_text(loss_path, "")
+        if main:
+            reports.write_text(loss_path, "")
         return []
     upto = int(last_ckpt.name.split("-")[1])
     kept = [json.loads(x) for x in loss_path.read_text().splitlines() if x.strip()]
     kept = [r for r in kept if r["step"] <= upto]
-    reports.write_text(loss_path, "".join(json.dumps(r) + "\n" for r in kept))
+    if main:
+        reports.write_text(loss_path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

@@ -48,9 +48,13 @@ def estimate(config_path: str, overrides: tuple[str, ...], gpus: int | None, gpu
     if offload == "optimizer_and_params" and not (strategy == "fsdp" or zero_stage == "3"):
         raise UsageError("--offload optimizer_and_params offloads sharded weights: it needs --zero-stage 3 (with "
                          "--strategy deepspeed) or --strategy fsdp")
-    if strategy is None:
-        strategy = "deepspeed" if offload != "none" or zero_stage else ("ddp" if gpus > 1 else "none")
-    parallel = memory.Parallelism(gpus=gpus, strategy=strategy, zero_stage=int(zero_stage or 2), offload=offload)
+    if (strategy is None and zero_stage is None and offload == "none" and cfg.train is not None
+            and cfg.train.distributed.strategy != "none"):
+        parallel = memory.Parallelism.of(cfg, gpus)  # the config's train.distributed, on the GPUs given or seen
+    else:
+        if strategy is None:
+            strategy = "deepspeed" if offload != "none" or zero_stage else ("ddp" if gpus > 1 else "none")
+        parallel = memory.Parallelism(gpus=gpus, strategy=strategy, zero_stage=int(zero_stage or 2), offload=offload)
     verdict = memory.judge(cfg, parallel, memory_bytes, precision=precision)
     click.echo(json.dumps(memory.as_json(verdict), indent=2) if as_json else memory.table(verdict, config_path))
     if verdict.fits is False:
