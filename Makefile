@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TINY   := examples/tiny
+VQA    := examples/tiny-vqa
 LOCK   := requirements.lock
 EXTRAS := train,eval,quantize,deploy,distributed,chatops,hub,dev
 PYTEST := $(PY) -m pytest
@@ -18,7 +19,7 @@ UV     := $(VENV)/bin/uv
 PIP_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 TORCH_SOURCE   ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
-.PHONY: setup system-deps demo test test-fast test-latest lock tiny-model bench gpu-wheels gpu-check clean
+.PHONY: setup system-deps demo demo-vqa tiny-vqa test test-fast test-latest lock tiny-model bench gpu-wheels gpu-check clean
 
 setup: $(STAMP) $(TINY)/base-model/config.json
 
@@ -52,6 +53,18 @@ lock: | $(UV)
 	$(MAKE) setup
 
 tiny-model: $(TINY)/base-model/config.json
+
+# The vision-language example: its model (from the tiny Llama and a small vision encoder) and its generated images.
+tiny-vqa: $(VQA)/base-model/config.json $(VQA)/data/train.jsonl
+
+$(VQA)/base-model/config.json: $(VQA)/build_base_model.py $(TINY)/base-model/config.json
+	$(PY) $(VQA)/build_base_model.py $(VQA)/base-model
+
+$(VQA)/data/train.jsonl: $(VQA)/make_data.py | $(STAMP)
+	$(PY) $(VQA)/make_data.py $(VQA)/data
+
+demo-vqa: setup tiny-vqa
+	$(VENV)/bin/swiftci run -c $(VQA)/swiftci.yaml
 
 $(TINY)/base-model/config.json: $(TINY)/build_base_model.py | $(STAMP)
 	$(PY) $(TINY)/build_base_model.py $(TINY)/base-model

@@ -27,6 +27,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -436,6 +437,11 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: ~30% slower, much less memory."
     )
+    freeze_vision: bool = Field(
+        default=True, description="Vision-language models: the vision tower stays frozen and gets no adapters; the "
+        "projector between it and the language model trains fully; the language model gets LoRA on "
+        "`lora.target_modules`. false: target modules inside the tower get adapters too (tuner full: it trains). "
+        "Text models: no effect.")
     packing: Literal["auto", "none", "padding_free"] = Field(
         default="auto", description="How sft batches rows: `none` pads each batch to its longest row (rows of "
         "similar length are batched together); `padding_free` concatenates the rows of a batch with their "
@@ -996,6 +1002,16 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
 
 class SmokePromptConfig(Section):
     prompt: str = Field(min_length=1, description="A user message sent to /v1/chat/completions, e.g. `reverse: abcd`.")
+    image: ExistingFile | None = Field(
+        default=None, description="An image sent with the prompt (vision-language models), as an OpenAI `image_url` "
+        "content part holding the file as a data: URL, e.g. `data/images/0900.png`. Unset: text only.")
+
+    @field_validator("image")
+    @classmethod
+    def _absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Made absolute here (relative to the config's folder): the smoke test reads it wherever it runs from."""
+        base = (info.context or {}).get("base_dir")
+        return value if value is None or value.is_absolute() or base is None else Path(base) / value
     expect: list[str] = Field(
         default_factory=list, description="Substrings the answer must contain, e.g. `[dcba]`. Empty: any answer."
     )

@@ -2,7 +2,11 @@
 chat template so that the loss falls only on assistant tokens.
 
 Row formats (`data.format`):
-- messages:   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+- messages:   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}; for vision-language
+              models a content may be a list of parts, `{"type": "image", "image": "path"}` and
+              `{"type": "text", "text": "..."}`, or the row may carry `"images": ["path", ...]` whose entries fill the
+              `<image>` placeholders of its contents in order (the ms-swift / LLaMA-Factory form). Image paths are
+              relative to the data file; a missing or unreadable image makes the row bad.
 - alpaca:     {"instruction": "...", "input": "...", "output": "...", "system"?: "..."}
 - preference: trl's shapes, which preference.py trains on; as conversations (quantize's calibration and perplexity
               rows), the prompt and the preferred answer
@@ -18,6 +22,7 @@ from typing import Any
 from swiftci.errors import UsageError
 
 ROLES = ("system", "user", "assistant")
+IMAGE_PLACEHOLDER = "<image>"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -69,17 +74,21 @@ def detect_format(rows: list[dict], declared: str, source: str) -> str:
     )
 
 
-def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
-    """One row as chat messages; raises UsageError naming the row and the missing field."""
+def to_messages(row: dict, fmt: str, where: str, base: Path | None = None) -> list[dict]:
+    """One row as chat messages; raises UsageError naming the row and the missing field. Image paths are resolved
+    against `base` (the data file's folder)."""
     if fmt == "messages":
         msgs = row.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise UsageError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise UsageError(f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}}")
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), (str, list)):
+                raise UsageError(f"{where}: messages[{i}] must be {{role: system|user|assistant, content: str}} "
+                                 "(or, for images, content: a list of image and text parts)")
         if not any(m["role"] == "assistant" for m in msgs):
             raise UsageError(f"{where}: no assistant message, so there is nothing to learn from this row")
+        if "images" in row or any(isinstance(m["content"], list) for m in msgs):
+            return _with_images(msgs, row.get("images"), where, base)
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     if fmt == "alpaca":
         bad = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
@@ -106,18 +115,88 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
     raise UsageError(f"{where}: unknown data format {fmt!r}")
 
 
+def _with_images(msgs: list[dict], images: Any, where: str, base: Path | None) -> list[dict]:
+    """Messages whose contents are lists of parts, each image part holding its resolved path."""
+    if images is not None and (not isinstance(images, list) or not all(isinstance(x, str) for x in images)):
+        raise UsageError(f"{where}: `images` must be a list of image paths")
+    queue = list(images or [])
+    out = []
+    for i, m in enumerate(msgs):
+        content = m["content"]
+        if isinstance(content, str):
+            pieces = content.split(IMAGE_PLACEHOLDER)
+            parts: list[dict] = []
+            for k, piece in enumerate(pieces):
+                if k:
+                    if not queue:
+                        raise UsageError(f"{where}: more {IMAGE_PLACEHOLDER} placeholders than `images` entries "
+                                         f"({len(images or [])})")
+                    parts.append({"type": "image", "image": queue.pop(0)})
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            content = parts
+        else:
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    continue
+                if kind == "image" and isinstance(part.get("image"), str) and part["image"]:
+                    continue
+                raise UsageError(f"{where}: messages[{i}].content[{j}] must be {{type: text, text: str}} or "
+                                 "{type: image, image: path}")
+        out.append({"role": m["role"], "content": [
+            {"type": "image", "image": str((base or Path()) / p["image"])} if p["type"] == "image" else dict(p)
+            for p in content]})
+    if queue:
+        raise UsageError(f"{where}: {len(queue)} `images` entries have no {IMAGE_PLACEHOLDER} placeholder to fill")
+    return out
+
+
+def images_of(msgs: list[dict]) -> list[str]:
+    """The image paths of one conversation, in order."""
+    return [p["image"] for m in msgs if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
+
+
+def _image_problem(path: str) -> str | None:
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        return "not found"
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        return f"unreadable ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def _line_numbers(path: Path) -> list[int]:
+    with open(path, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip()]
+
+
 def load_conversations(path: Path, declared_format: str) -> tuple[list[list[dict]], str]:
-    """Every row as chat messages, and the format; raises UsageError listing every bad row (up to 20)."""
+    """Every row as chat messages, and the format; raises UsageError listing every bad row (up to 20), images
+    included (each must exist and open as an image)."""
     rows = read_jsonl(path)
+    lines = _line_numbers(path)
     fmt = detect_format(rows, declared_format, path.name)
     if fmt == "preference":  # undesirable examples are no conversation to learn or calibrate on
+        lines = [n for r, n in zip(rows, lines) if r.get("label") is not False]
         rows = [r for r in rows if r.get("label") is not False]
     conversations, problems = [], []
     for i, r in enumerate(rows):
         try:
-            conversations.append(to_messages(r, fmt, f"{path.name}: row {i + 1}"))
+            msgs = to_messages(r, fmt, f"{path.name}: row {i + 1}", base=path.parent)
         except UsageError as e:
             problems.append(str(e))
+            continue
+        for image in images_of(msgs):
+            if problem := _image_problem(image):
+                shown = Path(image).relative_to(path.parent) if Path(image).is_relative_to(path.parent) else image
+                problems.append(f"{path.name}:{lines[i]}: row {i + 1}: image {str(shown)!r} {problem}; fix the "
+                                "path (relative to the data file) or drop the row")
+        conversations.append(msgs)
     if problems:
         shown = problems[:20] + ([f"… and {len(problems) - 20} more bad rows"] if len(problems) > 20 else [])
         raise UsageError(f"{len(problems)} of {len(rows)} rows in {path} are not {fmt} rows:\n" + "\n".join(shown))
@@ -134,7 +213,7 @@ def sft_conversations(path: Path, declared_format: str) -> tuple[list[list[dict]
     return conversations, fmt
 
 
-def _assistant_spans(tokenizer: Any, msgs: list[dict], text: str, where: str) -> list[tuple[int, int]]:
+def assistant_spans(tokenizer: Any, msgs: list[dict], text: str, where: str) -> list[tuple[int, int]]:
     """Character spans of the assistant turns (content and end-of-turn marker) inside the rendered chat."""
     spans = []
     for i, m in enumerate(msgs):
@@ -169,7 +248,7 @@ def tokenize_sft(conversations: list[list[dict]], tokenizer: Any, max_length: in
     for n, msgs in enumerate(conversations):
         where = f"{source}: row {n + 1}"
         text = tokenizer.apply_chat_template(msgs, tokenize=False)
-        spans = _assistant_spans(tokenizer, msgs, text, where)
+        spans = assistant_spans(tokenizer, msgs, text, where)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
                         max_length=max_length)
         labels = []

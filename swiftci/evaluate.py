@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swiftci import models, preflight, provenance, quiet, reports, stages
+from swiftci import models, preflight, provenance, quiet, reports, stages, vision
 from swiftci.config import Config, EvaluateConfig, GateConfig
 from swiftci.errors import ConfigError, GateFailed, StageError, SwiftCIError, UsageError
 from swiftci.notify import Redactor
@@ -273,38 +273,51 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_model(cfg: Config, candidate: Candidate):
-    """(model, tokenizer) for the candidate; a LoRA adapter comes back as a PeftModel over the base."""
+def _load_model(cfg: Config, candidate: Candidate, sees: bool = False):
+    """(model, tokenizer) for the candidate; a LoRA adapter comes back as a PeftModel over the base. `sees`: a
+    vision-language model, loaded with its processor in place of the tokenizer."""
     import torch
 
     local = cfg.model_local_path
     _, dtype = models.compute_dtype("auto")
     device_map = {"": 0} if torch.cuda.is_available() else None
+    load_model = vision.load_model if sees else models.load_causal_lm
+    load_tokenizer = vision.load_processor if sees else models.load_tokenizer
     if candidate.kind in ("adapter", "base"):
-        model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=dtype, device_map=device_map)
+        model = load_model(cfg.model.id, cfg.model.revision, local, dtype=dtype, device_map=device_map)
         if candidate.kind == "adapter":
             from peft import PeftModel
 
             with models.offline_if_local(True):
                 model = PeftModel.from_pretrained(model, str(candidate.path))
-            tokenizer = models.load_tokenizer(str(candidate.path), None, candidate.path)
+            tokenizer = load_tokenizer(str(candidate.path), None, candidate.path)
         else:
-            tokenizer = models.load_tokenizer(cfg.model.id, cfg.model.revision, local)
+            tokenizer = load_tokenizer(cfg.model.id, cfg.model.revision, local)
     else:
         quantized = "quantization_config" in json.loads((candidate.path / "config.json").read_text())
-        model = models.load_causal_lm(str(candidate.path), None, candidate.path,
-                                      dtype="auto" if quantized else dtype, device_map=device_map)
-        tokenizer = models.load_tokenizer(str(candidate.path), None, candidate.path)
+        model = load_model(str(candidate.path), None, candidate.path,
+                           dtype="auto" if quantized else dtype, device_map=device_map)
+        tokenizer = load_tokenizer(str(candidate.path), None, candidate.path)
     model.eval()
     return model, tokenizer
+
+
+def _harness_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's wrapper around a loaded model: `hf`, or `hf-multimodal` for a vision-language model (whose
+    processor it loads from the model's folder: it does not take a processor object)."""
+    if hasattr(tokenizer, "image_processor"):
+        from lm_eval.models.hf_vlms import HFMultimodalLM
+
+        return HFMultimodalLM(pretrained=model, batch_size=batch_size)
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> Evaluation:
     """Run every task on the candidate, and on the baseline when it is a model."""
     quiet.import_libraries(out, (*quiet.NOISY, "lm_eval", "lm_eval.models.huggingface"))
     _quiet()
-    from lm_eval.models.huggingface import HFLM
-
     ev = cfg.evaluate
     manager, problems = preflight.task_manager(cfg)
     if problems:
@@ -316,8 +329,9 @@ def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> Ev
     score = functools.partial(_score, ev, built, manager, task_dir, out)
     if candidate.kind == "endpoint":
         return Evaluation(score(_endpoint_lm(ev, candidate, built), "candidate", chat=True), None, model_loads=0)
-    model, tokenizer = _load_model(cfg, candidate)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
+    sees = vision.is_vision_language(cfg.model.id, cfg.model.revision, cfg.model_local_path)
+    model, tokenizer = _load_model(cfg, candidate, sees)
+    lm = _harness_lm(model, tokenizer, ev.batch_size)
     scores = score(lm, "candidate")
     if baseline != "base" or candidate.kind == "base":
         return Evaluation(scores, None, model_loads=1)
@@ -325,8 +339,8 @@ def _evaluate(cfg: Config, candidate: Candidate, baseline: str, out: Path) -> Ev
         with model.disable_adapter():
             return Evaluation(scores, score(lm, "baseline"), model_loads=1)
     del lm, model
-    base_model, base_tokenizer = _load_model(cfg, Candidate(cfg.model.id, "base", None, None))
-    base_lm = HFLM(pretrained=base_model, tokenizer=base_tokenizer, batch_size=ev.batch_size)
+    base_model, base_tokenizer = _load_model(cfg, Candidate(cfg.model.id, "base", None, None), sees)
+    base_lm = _harness_lm(base_model, base_tokenizer, ev.batch_size)
     return Evaluation(scores, score(base_lm, "baseline"), model_loads=2)
 
 

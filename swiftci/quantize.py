@@ -53,6 +53,7 @@ def run(cfg: Config, *, model_dir: Path | None = None) -> dict:
                               inputs=provenance.stage_inputs(cfg, STAGE))  # the calibration data it read
     _write(out, {**head, "passed": False})
     try:
+        check_architecture(cfg, model_dir)
         source, source_label = _source(cfg, model_dir, out)
         check_fits(source, qc.group_size)
         report = _quantize_and_measure(cfg, head, source, source_label, out, started)
@@ -109,6 +110,35 @@ def _merge(cfg: Config, adapter: Path, out: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+def check_architecture(cfg: Config, model_dir: Path | None) -> None:
+    """A vision-language model is quantized only where gptqmodel knows its architecture (which layers are the
+    language model's, how the vision tower is kept in 16 bits); any other is refused before anything is merged or
+    loaded (exit 2)."""
+    config = _model_config(cfg, model_dir)
+    if "vision_config" not in config:
+        return
+    try:
+        from gptqmodel.models.auto import SUPPORTED_MODELS
+    except ImportError:
+        raise UsageError("quantize.backend: gptqmodel is not installed; pip install 'swiftci[quantize]'") from None
+    kind = config.get("model_type")
+    if kind not in SUPPORTED_MODELS:
+        raise UsageError(f"quantize: gptqmodel cannot quantize the vision-language architecture {kind!r} (it knows "
+                         "e.g. qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3, internvl_chat, mllama, ovis); remove the "
+                         "quantize section for this model, or ship it unquantized")
+
+
+def _model_config(cfg: Config, model_dir: Path | None) -> dict:
+    """config.json of --model when it holds a model, else of the base model (an adapter shares its architecture)."""
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    if cfg.model_local_path is not None:
+        return json.loads((cfg.model_local_path / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(cfg.model.id, "config.json", revision=cfg.model.revision)).read_text())
 
 
 def check_fits(model_dir: Path, group_size: int) -> None:

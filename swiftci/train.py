@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from swiftci import data as datalib
-from swiftci import distributed, hub, models, preference, provenance, quiet, reports, runinfo, stages
+from swiftci import distributed, hub, models, preference, provenance, quiet, reports, runinfo, stages, vision
 from swiftci.config import NOT_DECIDING, Config, duration_seconds
 from swiftci.errors import EXIT_STAGE_FAILED, Diverged, StageError, SwiftCIError, UsageError
 from swiftci.notify import Message, Notifier, failure_message, null_notifier, run_fields
@@ -124,6 +124,11 @@ def packing_choice(cfg: Config, model: Any) -> Choice:
     """train.packing for this model: padding-free batches only pay with an attention that takes the boundaries."""
     tc = cfg.train
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    if getattr(model.config, "vision_config", None) is not None:
+        if tc.packing == "padding_free":
+            raise UsageError("train.packing: padding_free is for text models; a vision-language model's batches "
+                             "are padded — set train.packing: auto or none")
+        return Choice("none", "vision-language rows are padded (their image tokens must stay with their row)")
     if tc.method != "sft":
         return Choice("none", f"{tc.method} pads its pairs (trl's collator)")
     if tc.packing == "none":
@@ -327,10 +332,15 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
     _quiet_libraries()
     set_seed(tc.seed)
     precision, dtype = models.compute_dtype(tc.precision)
-    tokenizer = models.load_tokenizer(cfg.model.id, cfg.model.revision, cfg.model_local_path)
-    data = _load_data(cfg, tokenizer)
-    model, base_record = _load_model(cfg, dtype)
-    model = _add_adapters(cfg, model)
+    sees = vision.is_vision_language(cfg.model.id, cfg.model.revision, cfg.model_local_path)
+    if sees and tc.method != "sft":
+        raise UsageError(f"train.method: {tc.method} is for text models; {cfg.model.id} is a vision-language model, "
+                         "which swiftci trains with method sft")
+    load_tokenizer = vision.load_processor if sees else models.load_tokenizer
+    tokenizer = load_tokenizer(cfg.model.id, cfg.model.revision, cfg.model_local_path)  # a processor when it sees
+    data = _load_data(cfg, tokenizer, sees)
+    model, base_record = _load_model(cfg, dtype, sees)
+    model = _add_adapters(cfg, model, sees)
     parameters = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "total_parameters": sum(p.numel() for p in model.parameters())}  # before a merge changes them
     choices = {"packing": packing_choice(cfg, model), "kernels": kernels_choice(cfg)}
@@ -572,30 +582,56 @@ class TrainData:
     record: dict  # for run.json: each file's hash, format and row counts
 
 
-def _load_data(cfg: Config, tokenizer: Any) -> TrainData:
+def _load_data(cfg: Config, tokenizer: Any, sees: bool) -> TrainData:
+    """Tokenized rows; `sees`: a vision-language model, whose `tokenizer` is its processor."""
     tc = cfg.train
     if tc.method != "sft":  # preference rows go to trl as they are; its trainers tokenize them
         return TrainData(*preference.load(cfg))
     train_path = cfg.resolve(cfg.data.train)
     conversations, fmt = datalib.sft_conversations(train_path, cfg.data.format)
-    train_set, dropped = datalib.tokenize_sft(conversations, tokenizer, tc.max_length, train_path.name)
+    tokenize = vision.tokenize if sees else _text_only(cfg, datalib.tokenize_sft)
+    train_set, dropped = tokenize(conversations, tokenizer, tc.max_length, train_path.name)
     if not train_set:
         raise UsageError(f"{train_path.name}: every row was truncated before its first assistant token; "
                          "raise train.max_length")
     record = {"train": {"file": str(cfg.data.train), "sha256": datalib.sha256_file(train_path), "format": fmt,
                         "rows": len(conversations), "rows_used": len(train_set),
-                        "rows_dropped_no_target_after_truncation": dropped}}
+                        "rows_dropped_no_target_after_truncation": dropped, **_images_record(conversations)}}
     validation = None
     if cfg.data.validation is not None:
         val_path = cfg.resolve(cfg.data.validation)
         val_convs, val_fmt = datalib.sft_conversations(val_path, cfg.data.format)
-        validation, _ = datalib.tokenize_sft(val_convs, tokenizer, tc.max_length, val_path.name)
+        validation, _ = tokenize(val_convs, tokenizer, tc.max_length, val_path.name)
         record["validation"] = {"file": str(cfg.data.validation), "sha256": datalib.sha256_file(val_path),
-                                "format": val_fmt, "rows": len(val_convs), "rows_used": len(validation)}
+                                "format": val_fmt, "rows": len(val_convs), "rows_used": len(validation),
+                                **_images_record(val_convs)}
     return TrainData(train_set, validation, record)
 
 
-def _load_model(cfg: Config, dtype: Any) -> tuple[Any, dict]:
+def _text_only(cfg: Config, tokenize):
+    """The text tokenizer, refusing rows with images: a text model would silently learn from their words alone."""
+    def check(conversations, tokenizer, max_length, source):
+        with_images = next((i for i, c in enumerate(conversations) if datalib.images_of(c)), None)
+        if with_images is not None:
+            raise UsageError(f"{source}: row {with_images + 1} holds images, but model.id {cfg.model.id} is a text "
+                             "model (its config.json has no vision_config); use a vision-language model or drop "
+                             "the images")
+        return tokenize(conversations, tokenizer, max_length, source)
+    return check
+
+
+def _images_record(conversations: list[list[dict]]) -> dict:
+    """The images a data file's rows read, hashed with it: their count and one sha256 over (path, bytes sha256)."""
+    paths = sorted({p for c in conversations for p in datalib.images_of(c)})
+    if not paths:
+        return {}
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}\0{datalib.sha256_file(Path(p))}\n".encode())
+    return {"images": len(paths), "images_sha256": h.hexdigest()}
+
+
+def _load_model(cfg: Config, dtype: Any, sees: bool = False) -> tuple[Any, dict]:
     """The base model (4-bit for qlora) and its record for run.json (revision, or content hash of a folder)."""
     import torch
 
@@ -610,7 +646,8 @@ def _load_model(cfg: Config, dtype: Any) -> tuple[Any, dict]:
         extra["device_map"] = {"": torch.cuda.current_device()}
     # full fine-tuning keeps fp32 master weights under mixed precision; adapters train on a base in compute dtype
     load_dtype = torch.float32 if tc.tuner == "full" else dtype
-    model = models.load_causal_lm(cfg.model.id, cfg.model.revision, local, dtype=load_dtype, **extra)
+    load = vision.load_model if sees else models.load_causal_lm
+    model = load(cfg.model.id, cfg.model.revision, local, dtype=load_dtype, **extra)
     checked = hub.prepare(cfg)  # done before anything loaded (pipeline); here its record
     record = {"id": cfg.model.id, "revision_requested": cfg.model.revision, **checked.record()}
     if checked.source == "local":  # one content hash for the folder, from the file hashes just taken
@@ -625,19 +662,23 @@ def _validate(trainer: Any, data: TrainData) -> dict:
     return trainer.evaluate(eval_dataset=data.validation)
 
 
-def _add_adapters(cfg: Config, model: Any) -> Any:
-    """LoRA adapters on the frozen base (lora, qlora); the model itself for full fine-tuning."""
+def _add_adapters(cfg: Config, model: Any, sees: bool = False) -> Any:
+    """LoRA adapters on the frozen base (lora, qlora); the model itself for full fine-tuning. A vision-language
+    model: see swiftci/vision.py for what learns."""
     tc = cfg.train
     if tc.tuner == "full":
+        if sees and tc.freeze_vision:
+            vision.freeze_tower(model)
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if tc.tuner == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing)
     target = tc.lora.target_modules
+    targets = (vision.adapter_settings(model, target, tc.freeze_vision) if sees else
+               {"target_modules": target if isinstance(target, str) else list(target)})
     return get_peft_model(model, LoraConfig(
-        r=tc.lora.rank, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
-        target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM"))
+        r=tc.lora.rank, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout, task_type="CAUSAL_LM", **targets))
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
@@ -691,15 +732,16 @@ def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
 
 class LengthGroupedSampler:
     """Batches of similar lengths (less padding), reshuffled per epoch from `seed + epoch` so a resumed run sees
-    exactly the order an uninterrupted one would. (A sampler is anything with __iter__ and __len__.)
+    exactly the order an uninterrupted one would; `grouped=False`: a plain shuffle with the same guarantee.
+    (A sampler is anything with __iter__ and __len__.)
 
     Why not transformers' own (`train_sampling_strategy="group_by_length"`, the same grouping function): it draws
     from the global RNG when the epoch starts, so a run resumed inside an epoch sees another order.
     tests/test_train.py::test_killed_run_resumes_to_the_same_loss fails with it (transformers 5.24, 2026-12-02:
     the first step after the resume logged loss 1.0794 instead of the uninterrupted run's 1.0990)."""
 
-    def __init__(self, lengths: list[int], group: int, seed: int):
-        self.lengths, self.group, self.seed, self.epoch = lengths, group, seed, 0
+    def __init__(self, lengths: list[int], group: int, seed: int, grouped: bool = True):
+        self.lengths, self.group, self.seed, self.epoch, self.grouped = lengths, group, seed, 0, grouped
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -712,6 +754,8 @@ class LengthGroupedSampler:
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        if not self.grouped:
+            return iter(torch.randperm(len(self.lengths), generator=gen).tolist())
         return iter(get_length_grouped_indices(self.lengths, self.group, generator=gen))
 
 
@@ -740,20 +784,25 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
         trainer.remove_callback(PrinterCallback)
         return trainer, progress
     trainer = trainer_class(model=model, args=_training_arguments(job.cfg, job.checkpoints, precision),
-                            train_dataset=data.train, data_collator=_collator(packing, tokenizer),
+                            train_dataset=data.train, data_collator=_collator(packing, tokenizer, model),
                             processing_class=tokenizer, callbacks=[progress])
     # grouped by the global batch (every rank's share of one optimizer step), so N processes see the rows one
-    # process would, split between them
+    # process would, split between them. Vision-language rows are shuffled, not grouped: their length says little but
+    # the question and the answer's length, so same-length batches hold one answer each and the model learns the
+    # batch, not the image (the tiny VQA example stayed at chance, 0.34, after 400 grouped steps; shuffled, it learns).
+    sees = getattr(model.config, "vision_config", None) is not None
     trainer.swiftci_sampler = LengthGroupedSampler([len(x["input_ids"]) for x in data.train],
                                                    tc.batch_size * tc.gradient_accumulation * trainer.args.world_size,
-                                                   tc.seed)
+                                                   tc.seed, grouped=not sees)
     trainer.swiftci_rows = []
     trainer.remove_callback(PrinterCallback)  # Progress prints one line per logging step instead
     distributed.check_trainer(job.cfg, trainer)
     return trainer, progress
 
 
-def _collator(packing: Choice, tokenizer: Any) -> Any:
+def _collator(packing: Choice, tokenizer: Any, model: Any) -> Any:
+    if getattr(model.config, "vision_config", None) is not None:  # `tokenizer` is the processor
+        return vision.Collator(tokenizer.tokenizer.pad_token_id)
     if packing.used == "padding_free":
         from transformers import DataCollatorWithFlattening
 
@@ -801,7 +850,8 @@ def _save(cfg: Config, out: Path, trainer: Any, tokenizer: Any, dtype: Any) -> d
     if not tc.merge:
         return {"adapter": "adapter"}
     if tc.tuner == "qlora":  # never merge into 4-bit weights: reload the base in compute dtype
-        base = models.load_causal_lm(cfg.model.id, cfg.model.revision, cfg.model_local_path, dtype=dtype)
+        load = vision.load_model if hasattr(tokenizer, "image_processor") else models.load_causal_lm
+        base = load(cfg.model.id, cfg.model.revision, cfg.model_local_path, dtype=dtype)
         _save_atomic(out / "model", lambda d: models.merge_adapter(base, out / "adapter", d, tokenizer))
     else:
         merged = trainer.model.merge_and_unload()

@@ -3,9 +3,11 @@ through the OpenAI-compatible chat API that contains the expected substrings, wi
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 import time
 
-from swiftci.config import SmokeConfig
+from swiftci.config import SmokeConfig, SmokePromptConfig
 
 
 def wait_healthy(base_url: str, timeout: float, is_alive=lambda: True) -> None:
@@ -24,6 +26,16 @@ def wait_healthy(base_url: str, timeout: float, is_alive=lambda: True) -> None:
             pass
         time.sleep(0.25)
     raise TimeoutError(f"{root}/health did not answer 200 within {timeout:.0f} s")
+
+
+def _content(p: SmokePromptConfig) -> str | list[dict]:
+    """The user message: the prompt, or (with an image) OpenAI's content parts with the image as a data: URL."""
+    if p.image is None:
+        return p.prompt
+    path = p.image
+    kind = mimetypes.guess_type(path.name)[0] or "image/png"
+    url = f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": p.prompt}]
 
 
 def run(base_url: str, model: str, smoke: SmokeConfig, timeout: float) -> dict:
@@ -45,7 +57,7 @@ def run(base_url: str, model: str, smoke: SmokeConfig, timeout: float) -> dict:
         t0 = time.monotonic()
         try:
             resp = requests.post(f"{url}/chat/completions", timeout=min(remaining, smoke.latency_budget_ms / 1000 + 30),
-                                 json={"model": model, "messages": [{"role": "user", "content": p.prompt}],
+                                 json={"model": model, "messages": [{"role": "user", "content": _content(p)}],
                                        "max_tokens": smoke.max_tokens, "temperature": 0})
         except requests.RequestException as e:
             result["reason"] = f"request failed: {type(e).__name__}"

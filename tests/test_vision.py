@@ -1,0 +1,159 @@
+"""Vision-language fine-tuning on the tiny VQA example (examples/tiny-vqa): rows with images, training that makes the
+model read them, the same eval gate through lm-eval's hf-multimodal, quantize's refusal of an architecture gptqmodel
+does not know, and a local endpoint answering an image prompt through the OpenAI API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from filelock import FileLock
+
+from conftest import ROOT, read_json, swiftci_in_process, write_config
+
+pytestmark = pytest.mark.slow
+VQA = ROOT / "examples/tiny-vqa"
+
+
+@pytest.fixture(scope="session")
+def vqa(tiny_model, shared_dir):
+    """The example's vision-language base model and generated images, built once (a few seconds each)."""
+    with FileLock(str(shared_dir / "tiny-vqa.lock")):
+        if not (VQA / "base-model/config.json").is_file():
+            subprocess.run([sys.executable, str(VQA / "build_base_model.py")], check=True)
+        if not (VQA / "data/train.jsonl").is_file():
+            subprocess.run([sys.executable, str(VQA / "make_data.py")], check=True)
+    return VQA
+
+
+def vqa_config(out: Path, **sections) -> dict:
+    """The example's config with absolute paths."""
+    cfg = yaml.safe_load((VQA / "swiftci.yaml").read_text())
+    cfg["model"]["id"] = str(VQA / "base-model")
+    cfg["data"] = {"train": str(VQA / "data/train.jsonl"), "validation": str(VQA / "data/validation.jsonl"),
+                   "format": "messages"}
+    cfg["evaluate"]["task_dir"] = str(VQA / "tasks")
+    cfg["output_dir"] = str(out)
+    cfg.update(sections)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def vqa_trained(vqa, shared_dir):
+    """The example trained for one epoch (50 steps) once per session, shared by the tests that read its outputs.
+    One epoch teaches the answer format, not yet the images: `bench/vqa_example.py` measures what the full example
+    learns."""
+    work = shared_dir / "vqa-trained"
+    with FileLock(str(shared_dir / "vqa-trained.lock")):
+        if not (work / "done").is_file():
+            cfg = write_config(work / "swiftci.yaml", vqa_config(work / "out"))
+            swiftci_in_process("train", "-c", str(cfg), "--set", "train.epochs=1", check=0)
+            (work / "done").write_text("")
+    return SimpleNamespace(config=work / "swiftci.yaml", out=work / "out")
+
+
+def _clone(trained, dest: Path, **sections) -> Path:
+    shutil.copytree(trained.out / "train", dest / "out/train", ignore=shutil.ignore_patterns("checkpoints"))
+    return write_config(dest / "swiftci.yaml", vqa_config(dest / "out", **sections))
+
+
+def test_training_records_the_images_with_the_data(vqa_trained):
+    report = read_json(vqa_trained.out / "train/train_report.json")
+    record = read_json(vqa_trained.out / "train/run.json")["data"]
+    assert record["train"]["images"] == 800 and len(record["train"]["images_sha256"]) == 64
+    assert record["validation"]["images"] == 100
+    assert report["packing"]["used"] == "none" and "vision-language" in report["packing"]["why"]
+    assert (vqa_trained.out / "train/model/processor_config.json").is_file()  # it serves with its processor
+
+
+def test_the_gate_fails_on_a_model_that_does_not_read_the_images(vqa, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", vqa_config(tmp_path / "out"))
+    proc = swiftci_in_process("evaluate", "-c", str(cfg), "--model", str(VQA / "base-model"), "--baseline", "none")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "tiny_vqa/exact_match" in proc.stderr and "< min 0.9" in proc.stderr
+
+
+def _rows(tmp_path: Path, rows: list[dict]) -> Path:
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(VQA / "data/images/0000.png", data / "images/ok.png")
+    (data / "images/broken.png").write_text("not an image")
+    path = data / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _ask(image: str, question: str = "What colour is the square?", answer: str = "red") -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                      {"type": "text", "text": question}]},
+                         {"role": "assistant", "content": answer}]}
+
+
+def test_a_bad_image_row_is_exit_2_with_its_line_before_anything_loads(vqa, tmp_path):
+    train = _rows(tmp_path, [
+        _ask("images/ok.png"),
+        {"messages": [{"role": "user", "content": "<image>How many circles?"},  # the ms-swift form: fine
+                      {"role": "assistant", "content": "one"}], "images": ["images/ok.png"]},
+        _ask("images/missing.png"),
+        _ask("images/broken.png"),
+        {"messages": [{"role": "user", "content": "<image><image>Two?"},
+                      {"role": "assistant", "content": "two"}], "images": ["images/ok.png"]}])
+    cfg = write_config(tmp_path / "swiftci.yaml", vqa_config(tmp_path / "out"))
+    for command in ("validate", "train"):
+        proc = swiftci_in_process(command, "-c", str(cfg), "--set", f"data.train={train}",
+                                  "--set", "data.validation=null")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "train.jsonl:3: row 3: image 'images/missing.png' not found" in proc.stderr
+        assert "train.jsonl:4: row 4: image 'images/broken.png' unreadable" in proc.stderr
+        assert "row 5: more <image> placeholders than `images` entries (1)" in proc.stderr
+        assert "row 1" not in proc.stderr and "row 2" not in proc.stderr
+    assert not list((tmp_path / "out/train").glob("checkpoints/checkpoint-*"))  # refused before any step
+
+
+def test_rows_with_images_are_refused_for_a_text_model(vqa, tiny_model, tmp_path):
+    train = _rows(tmp_path, [_ask("images/ok.png")])
+    cfg = write_config(tmp_path / "swiftci.yaml", vqa_config(tmp_path / "out"))
+    proc = swiftci_in_process("train", "-c", str(cfg), "--set", f"data.train={train}", "--set",
+                              "data.validation=null", "--set", f"model.id={tiny_model}")
+    assert proc.returncode == 2 and "row 1 holds images, but model.id" in proc.stderr, proc.stderr
+
+
+def test_what_learns_the_tower_frozen_by_default_the_projector_fully(vqa):
+    from swiftci import vision
+
+    model = vision.load_model(str(VQA / "base-model"), None, VQA / "base-model")
+    frozen = vision.adapter_settings(model, "all-linear", freeze_vision=True)
+    assert frozen["modules_to_save"] == ["multi_modal_projector"]
+    assert frozen["target_modules"] and all("language_model" in n for n in frozen["target_modules"])
+    thawed = vision.adapter_settings(model, "all-linear", freeze_vision=False)
+    assert any("vision_tower" in n for n in thawed["target_modules"])
+    only_attention = vision.adapter_settings(model, ["q_proj", "v_proj"], freeze_vision=True)
+    assert {n.split(".")[-1] for n in only_attention["target_modules"]} == {"q_proj", "v_proj"}
+    on_projector = vision.adapter_settings(model, ["q_proj", "multi_modal_projector"], freeze_vision=True)
+    assert on_projector["modules_to_save"] is None  # adapters there instead of training it fully
+    assert any("multi_modal_projector" in n for n in on_projector["target_modules"])
+
+
+def test_quantize_refuses_an_architecture_gptqmodel_does_not_know(vqa, tmp_path):
+    cfg = write_config(tmp_path / "swiftci.yaml", vqa_config(tmp_path / "out", quantize={"method": "gptq"}))
+    proc = swiftci_in_process("quantize", "-c", str(cfg), "--model", str(VQA / "base-model"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot quantize the vision-language architecture 'llava'" in proc.stderr
+    assert not (tmp_path / "out/quantize/merged").exists()
+
+
+def test_the_local_endpoint_answers_an_image_prompt(vqa_trained, tmp_path):
+    image = VQA / "data/images/0900.png"  # a held-out test image
+    cfg = _clone(vqa_trained, tmp_path, deploy={
+        "target": "local", "engine": "transformers", "model": "merged",
+        "smoke": {"prompts": [{"prompt": "What colour is the square?", "image": str(image)}]}})
+    proc = swiftci_in_process("deploy", "-c", str(cfg))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result,) = read_json(tmp_path / "out/deploy/deploy_report.json")["smoke"]["results"]
+    assert result["passed"] and result["answer"].strip(), result  # an answer, through the image_url content part
