@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from _result import result  # one RESULT line per figure, for `make bench`
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples/tiny"
@@ -65,6 +66,8 @@ def main() -> None:
         print(f"1 proc: {one:,.0f} tok/s   {args.procs} procs: {many:,.0f} tok/s", flush=True)
         ratios.append(many / one)
     print(f"ddp_scaling: {args.procs} procs / 1 proc = {statistics.median(ratios):.2f}")
+    result("ddp_scaling", f"training tokens/s, {args.procs}-process DDP (gloo) / 1 process", statistics.median(ratios),
+           None)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from _result import result  # one RESULT line per figure, for `make bench`
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_result.py, also when a test imports this file
+from _result import result  # noqa: E402 - one RESULT line per figure, for `make bench`
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples/tiny/base-model"
