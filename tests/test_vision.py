@@ -41,7 +41,7 @@ def vqa_config(out: Path, **sections) -> dict:
     cfg["evaluate"]["task_dir"] = str(VQA / "tasks")
     cfg["output_dir"] = str(out)
     cfg.update(sections)
-    return cfg
+    return {k: v for k, v in cfg.items() if v is not None}
 
 
 @pytest.fixture(scope="session")
@@ -150,10 +150,32 @@ def test_quantize_refuses_an_architecture_gptqmodel_does_not_know(vqa, tmp_path)
 
 def test_the_local_endpoint_answers_an_image_prompt(vqa_trained, tmp_path):
     image = VQA / "data/images/0900.png"  # a held-out test image
-    cfg = _clone(vqa_trained, tmp_path, deploy={
+    question = "What colour is the square?"
+    cfg = _clone(vqa_trained, tmp_path, evaluate=None, deploy={
         "target": "local", "engine": "transformers", "model": "merged",
-        "smoke": {"prompts": [{"prompt": "What colour is the square?", "image": str(image)}]}})
+        "smoke": {"prompts": [{"prompt": question, "image": str(image)}, {"prompt": question}]}})
     proc = swiftci_in_process("deploy", "-c", str(cfg))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (result,) = read_json(tmp_path / "out/deploy/deploy_report.json")["smoke"]["results"]
-    assert result["passed"] and result["answer"].strip(), result  # an answer, through the image_url content part
+    with_image, text_only = read_json(tmp_path / "out/deploy/deploy_report.json")["smoke"]["results"]
+    assert with_image["passed"] and with_image["answer"].strip(), with_image
+    # the image reached the model through the image_url part: its tokens are in the prompt
+    seq = read_json(VQA / "base-model/config.json")["image_seq_length"]
+    assert with_image["prompt_tokens"] - text_only["prompt_tokens"] == seq, (with_image, text_only)
+
+
+def test_a_smoke_prompt_with_an_image_sends_it_as_an_openai_image_url_part(tmp_path):
+    import base64
+
+    from swiftci.config import SmokePromptConfig
+    from swiftci.deploy import smoke
+
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"\x89PNG fake bytes")
+    prompt = SmokePromptConfig.model_validate({"prompt": "What is this?", "image": "cat.png"},
+                                              context={"base_dir": tmp_path})
+    assert prompt.image == image  # made absolute against the config's folder
+    (picture, text) = smoke._content(prompt)
+    assert text == {"type": "text", "text": "What is this?"} and picture["type"] == "image_url"
+    head, _, data = picture["image_url"]["url"].partition(",")
+    assert head == "data:image/png;base64" and base64.b64decode(data) == image.read_bytes()
+    assert smoke._content(SmokePromptConfig(prompt="hi")) == "hi"

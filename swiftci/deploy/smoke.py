@@ -73,6 +73,8 @@ def run(base_url: str, model: str, smoke: SmokeConfig, timeout: float) -> dict:
             result["reason"] = f"not an OpenAI chat completion: {resp.text[:200]}"
             continue
         result["answer"] = answer
+        usage = resp.json().get("usage") if isinstance(resp.json(), dict) else None
+        result["prompt_tokens"] = usage.get("prompt_tokens") if isinstance(usage, dict) else None  # images count
         missing = [e for e in p.expect if e not in answer]
         if missing:
             result["reason"] = f"answer {answer[:120]!r} lacks {missing}"
