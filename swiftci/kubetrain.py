@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import posixpath
 import sys
 import threading
@@ -248,22 +247,10 @@ class Cluster:
     for."""
 
     def __init__(self, context: str | None):
-        try:
-            from kubernetes import client, config
-        except ImportError:
-            raise UsageError("train.launcher: kubernetes needs the kubernetes client: pip install "
-                             "'swiftci[deploy]'") from None
-        try:
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context)
-        except Exception as kube_error:  # noqa: BLE001
-            if context or os.environ.get("KUBECONFIG"):
-                raise UsageError(f"train.kubernetes.context: cannot load the kubeconfig"
-                                 f"{f' context {context!r}' if context else ''} ({kube_error})") from None
-            try:
-                config.load_incluster_config()
-            except Exception:  # noqa: BLE001
-                raise UsageError(f"train.kubernetes.context: no kubeconfig ({kube_error}) and not inside a "
-                                 "cluster; set KUBECONFIG or give the train action a `kubeconfig`") from None
+        from swiftci.deploy.kube import load_client
+
+        client = load_client(context, needed_by="train.launcher: kubernetes", setting="train.kubernetes.context",
+                             action="train")
         self.api = client.ApiClient()
         self.custom = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)

@@ -1,12 +1,10 @@
-"""Who and what a run is: run id, git commit, package versions. Shared by every stage's lineage record."""
+"""Who and what a run is: run id, git commit, the link to the run. Shared by every stage's lineage record."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import subprocess
-from importlib import metadata
 from pathlib import Path
 
 
@@ -33,16 +31,6 @@ def run_id(name: str, method: str, cwd: Path, today: dt.date | None = None) -> s
     sha = git_commit(cwd)["sha"]
     day = (today or dt.datetime.now(dt.timezone.utc).date()).strftime("%Y%m%d")
     return f"{name}-{method}-{day}-{sha[:7] if sha else 'nogit'}"
-
-
-def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def run_url() -> str | None:

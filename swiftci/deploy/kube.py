@@ -186,29 +186,38 @@ PATHS = {
 }
 
 
+def load_client(context: str | None, *, needed_by: str, setting: str, action: str):
+    """The official `kubernetes` client module, its config loaded from KUBECONFIG (or the default file) at
+    `context`; the pod's own service account only when neither was asked for. `needed_by`, `setting` and `action`
+    name, in the messages, what needs the client, the config key of the context and the action with a
+    `kubeconfig` input."""
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        raise UsageError(f"{needed_by} needs the kubernetes client: pip install 'swiftci[deploy]'") from None
+    try:
+        # KUBECONFIG read now: the client reads it once, when it is imported
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context)
+    except Exception as kube_error:  # noqa: BLE001
+        # the pod's own service account only when nothing else was asked for: a requested context or
+        # kubeconfig that fails to load must never silently act on the runner's own cluster
+        if context or os.environ.get("KUBECONFIG"):
+            raise UsageError(f"{setting}: cannot load the kubeconfig"
+                             f"{f' context {context!r}' if context else ''} ({kube_error})") from None
+        try:
+            config.load_incluster_config()
+        except Exception:  # noqa: BLE001
+            raise UsageError(f"{setting}: no kubeconfig ({kube_error}) and not inside a cluster; set "
+                             f"KUBECONFIG or give the {action} action a `kubeconfig`") from None
+    return client
+
+
 class Cluster:
     """The few API calls a rollout needs, through the official `kubernetes` client."""
 
     def __init__(self, context: str | None):
-        try:
-            from kubernetes import client, config
-        except ImportError:
-            raise UsageError("deploy.target: kubernetes needs the kubernetes client: pip install 'swiftci[deploy]'") \
-                from None
-        try:
-            # KUBECONFIG read now: the client reads it once, when it is imported
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context)
-        except Exception as kube_error:  # noqa: BLE001
-            # the pod's own service account only when nothing else was asked for: a requested context or
-            # kubeconfig that fails to load must never silently deploy into the runner's own cluster
-            if context or os.environ.get("KUBECONFIG"):
-                raise UsageError(f"deploy.context: cannot load the kubeconfig"
-                                 f"{f' context {context!r}' if context else ''} ({kube_error})") from None
-            try:
-                config.load_incluster_config()
-            except Exception:  # noqa: BLE001
-                raise UsageError(f"deploy.context: no kubeconfig ({kube_error}) and not inside a cluster; set "
-                                 "KUBECONFIG or give the deploy action a `kubeconfig`") from None
+        client = load_client(context, needed_by="deploy.target: kubernetes", setting="deploy.context",
+                             action="deploy")
         self.client = client
         self.api = client.ApiClient()
         self.apps = client.AppsV1Api(self.api)
