@@ -201,7 +201,9 @@ def _run_launched(cfg: Config, resume: bool, notifier: Notifier | None) -> dict:
     if error is None and report.get("status") == "ok":
         return report
     error = error or StageError("the training processes ended without a finished report")
-    if report.get("status") != "failed":  # rank 0 died before it could say so
+    # rank 0 died before it could say so, or what it said (a broken connection) was only the consequence of a
+    # rank that died without a word: the report then says what the run's one error says
+    if report.get("status") != "failed" or error.kind == "RankDied":
         _fail(job, error)
     raise error
 
