@@ -25,6 +25,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -170,7 +171,7 @@ def run(cfg: Config, *, resume: bool = False, notifier: Notifier | None = None) 
         return kubetrain.run(cfg, resume=resume)
     check_runnable(cfg)
     if cfg.train.distributed.strategy != "none":
-        distributed.check(cfg, resume)
+        distributed.check(cfg)
     memory_preflight(cfg)
     if distributed.launches(cfg):
         return _run_launched(cfg, resume, notifier)
@@ -406,6 +407,8 @@ def _fail(job: Job, e: SwiftCIError, **extra: Any) -> SwiftCIError:
 def _hard_stall(job: Job, stall: StallWatchdog) -> None:
     """The main thread did not respond to the stall watchdog's interrupt: report and notify before it exits."""
     error = _fail(job, StageError(stall.reason, kind=stall.kind))
+    print(f"error: {stall.reason}; the training did not respond to the interrupt (stuck in native code), so the "
+          "process exits", file=sys.stderr, flush=True)
     job.notifier.failure(failure_message(job.cfg, STAGE, job.run_id, stages.error_of(error)))
     job.notifier.close()
 
@@ -429,7 +432,12 @@ def _quarantine(ckpt_dir: Path, last_good_step: int) -> list[str]:
 
 class StallWatchdog:
     """Fails the run when no optimizer step finishes for `limit` seconds: interrupts the main thread, and if it is
-    stuck in native code (a hung collective or data loader) and does not respond, reports and exits with code 3."""
+    stuck in native code (a hung collective or data loader) and does not respond, reports and exits with code 3.
+
+    The interrupt is a simulated SIGINT, which Python delivers only while SIGINT has its Python handler. A process
+    started with SIGINT ignored (any background job of a non-interactive shell: `swiftci train &`, nohup in a
+    script) inherits SIG_IGN, and the interrupt would do nothing: the watchdog would always take the hard path. So
+    while it watches, SIGINT gets Python's handler, and its earlier disposition is restored afterwards."""
 
     def __init__(self, limit: float, on_hard_stall):
         self.limit = limit
@@ -440,9 +448,15 @@ class StallWatchdog:
         self.kind = "Stalled"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sigint: Any = None  # SIGINT's disposition before start() gave it Python's handler
 
     def start(self) -> None:
         self.last = time.monotonic()
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous in (signal.SIG_IGN, signal.SIG_DFL, None):
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                self._sigint = previous
         self._thread = threading.Thread(target=self._watch, name="swiftci-stall-watchdog", daemon=True)
         self._thread.start()
 
@@ -451,6 +465,9 @@ class StallWatchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
 
     def _watch(self) -> None:
         tick = max(0.05, min(5.0, self.limit / 10))
