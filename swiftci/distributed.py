@@ -90,7 +90,7 @@ def launches(cfg: Config) -> bool:
     return cfg.train.distributed.strategy != "none" and worker() is None
 
 
-def check(cfg: Config, resume: bool) -> None:
+def check(cfg: Config) -> None:
     """What must hold before the processes start (exit 2): the strategy can run here and means what it says."""
     import torch
 
@@ -113,9 +113,6 @@ def check(cfg: Config, resume: bool) -> None:
         raise UsageError(f"train.distributed.nnodes: {dc.nnodes} machines need every machine started together; "
                          "`swiftci train` launches one machine's processes — run it under torchrun on each machine "
                          "(e.g. a Kubeflow TrainJob; README, \"Scaling up\"), or set nnodes: 1")
-    if resume and dc.strategy in ("deepspeed", "fsdp"):
-        raise UsageError(f"--resume: resuming a {dc.strategy} run from its sharded checkpoint is not supported yet; "
-                         "drop --resume to start over, or train with strategy: ddp (its checkpoints resume)")
 
 
 # --- the settings handed to transformers' Trainer -------------------------------------------------------------

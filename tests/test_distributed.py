@@ -166,13 +166,22 @@ def test_divergence_stops_every_rank_at_the_same_step(tiny_model, tmp_path):
     assert len(errors_said) == 1 and errors_said[0].startswith("error: rank 0: training diverged at step 1")
 
 
-def test_a_run_stopped_by_max_runtime_resumes_to_the_same_loss(one_process, tiny_model, tmp_path):
+@pytest.mark.parametrize("strategy", [
+    DDP,
+    pytest.param({"strategy": "deepspeed", "nproc_per_node": 2, "zero_stage": 2}, marks=pytest.mark.slow),
+    pytest.param({"strategy": "deepspeed", "nproc_per_node": 2, "zero_stage": 3}, marks=pytest.mark.slow),
+], ids=["ddp", "zero2", "zero3"])
+def test_a_run_stopped_by_max_runtime_resumes_to_the_same_loss(one_process, tiny_model, tmp_path, strategy):
     """train.max_runtime stops every rank at the same step (a rank that stopped alone would leave the other
-    waiting); --resume continues from the DDP checkpoint and ends where one uninterrupted process ends."""
-    cfg = _config(tiny_model, tmp_path, batch_size=2, distributed=DDP, save_steps=100)
+    waiting); --resume continues from the checkpoint — DDP's, or DeepSpeed's sharded one (each rank reloads its
+    own optimizer-state shard, and under ZeRO-3 its weight shard) — and ends where one uninterrupted process ends."""
+    cfg = _config(tiny_model, tmp_path, batch_size=2, distributed=strategy, save_steps=100)
     stopped = swiftci("train", "-c", str(cfg), "--set", "train.max_runtime=1s")
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     assert "error: rank 0: train.max_runtime (1s) reached at step 1 of 6" in stopped.stderr
+    if strategy["strategy"] == "deepspeed":  # one optimizer-state shard per rank, not a gathered copy
+        shards = sorted(p.name for p in (tmp_path / "out/train/checkpoints/checkpoint-1").glob("global_step1/*optim*"))
+        assert len(shards) == 2, shards
     resumed = swiftci("train", "-c", str(cfg), "--resume", check=0)
     assert "resuming" in resumed.stdout
     out = tmp_path / "out/train"
@@ -209,8 +218,6 @@ def test_qlora_with_zero3_is_refused_with_the_reason(tiny_model, tmp_path):
      "error: train.distributed.strategy: fsdp needs CUDA GPUs here: transformers' Trainer configured for FSDP on "
      "CPU silently trains plain DDP"),
     ({"strategy": "ddp", "nnodes": 2}, (), "error: train.distributed.nnodes: 2 machines need every machine started"),
-    ({"strategy": "deepspeed", "nproc_per_node": 2}, ("--resume",),
-     "error: --resume: resuming a deepspeed run from its sharded checkpoint is not supported yet"),
 ])
 def test_what_cannot_run_here_stops_before_anything_loads(tiny_model, tmp_path, distributed, extra, message):
     cfg = _config(tiny_model, tmp_path, batch_size=2, distributed=distributed)
