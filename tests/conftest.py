@@ -100,11 +100,11 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 def swiftci(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600,
-            check: int | None = None) -> subprocess.CompletedProcess:
-    """Run the real `swiftci` entry point in a subprocess."""
+            check: int | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
+    """Run the real `swiftci` entry point in a subprocess (`preexec_fn` runs in it before swiftci starts)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([*SWIFTCI, *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=preexec_fn)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc

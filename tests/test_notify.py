@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from werkzeug import Request, Response
 
-from conftest import ROOT, SWIFTCI, TINY, read_json, swiftci, swiftci_in_process, tiny_config, write_config
+from conftest import TINY, read_json, swiftci, swiftci_in_process, tiny_config, write_config
 from swiftci import config as configlib
 from swiftci import reports
 from swiftci.errors import ConfigError
@@ -186,9 +185,8 @@ def test_no_optimizer_step_for_stall_minutes_fails(tiny_model, tmp_path):
     cfg.pop("quantize")
     # started with SIGINT ignored, as every background job of a non-interactive shell is: the watchdog's interrupt
     # still stops the training (without its handler, only the hard exit after 10 s would, saying it did not respond)
-    proc = subprocess.run([*SWIFTCI, "train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg))],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = swiftci("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)),
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "error: no optimizer step finished for 0.0005 minutes (train.watchdog.stall_minutes)" in proc.stderr
     assert "did not respond" not in proc.stderr
