@@ -2,7 +2,8 @@
 
     python examples/tiny-vqa/make_data.py [OUT_DIR]       # default: examples/tiny-vqa/data
 
-Each 32×32 image holds one coloured square (red, green, blue or yellow) and one to three black circles. Each row asks
+Each 32×32 image holds one coloured square (red, green, blue or yellow) and one to three black circles, each shape
+in its own 8×8 patch. Each row asks
 one question about one image, in the `messages` format with an image part:
 "What colour is the square?" (answer: the colour; chance 1/4) or "How many circles?" (one, two, three; chance 1/3).
 Writes images/*.png, train.jsonl (800 rows), validation.jsonl (100) and test.jsonl (100 held-out rows on images
@@ -17,29 +18,28 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SIZE = 32
+SIZE, PATCH = 32, 8  # the tiny model's image and patch sizes (build_base_model.py)
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 COUNTS = {1: "one", 2: "two", 3: "three"}
 SPLITS = {"train": 800, "validation": 100, "test": 100}
 
 
 def _draw(rng: random.Random, colour: str, circles: int):
+    """The square and the circles each in their own cell of the 4×4 grid of the vision encoder's 8×8 patches: every
+    patch then shows one thing (nothing, a circle, or a square of one colour), and counting circles is counting
+    patches. Placed anywhere, a circle straddled up to four patches and the example stopped at 0.82 exact match."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    side = 10
-    sx, sy = rng.randint(0, SIZE - side), rng.randint(0, SIZE - side)
-    draw.rectangle([sx, sy, sx + side - 1, sy + side - 1], fill=COLOURS[colour])
-    taken = [(sx + side / 2, sy + side / 2, side * 0.75)]
-    placed = 0
-    while placed < circles:
-        r = 3
-        cx, cy = rng.randint(r, SIZE - r - 1), rng.randint(r, SIZE - r - 1)
-        if all((cx - x) ** 2 + (cy - y) ** 2 > (r + rr + 2) ** 2 for x, y, rr in taken):
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(0, 0, 0))
-            taken.append((cx, cy, r))
-            placed += 1
+    cells = rng.sample(range((SIZE // PATCH) ** 2), 1 + circles)
+    for i, cell in enumerate(cells):
+        x, y = cell % (SIZE // PATCH) * PATCH + 1, cell // (SIZE // PATCH) * PATCH + 1  # a 1-pixel margin
+        box = [x, y, x + PATCH - 3, y + PATCH - 3]
+        if i == 0:
+            draw.rectangle(box, fill=COLOURS[colour])
+        else:
+            draw.ellipse(box, fill=(0, 0, 0))
     return img
 
 
