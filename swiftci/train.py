@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _thread
 import datetime as dt
+import gc
 import hashlib
 import json
 import math
@@ -843,8 +844,15 @@ def _fit(trainer: Any, last_checkpoint: Path | None) -> Fit:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     tokens_before = _tokens_seen(last_checkpoint)
+    # The ~500k objects that importing torch and transformers made live as long as the process: frozen, they are
+    # skipped by the full collection the Trainer runs as it starts (0.3 s on 2 CPU cores, 7 % of a 30-step run of the
+    # tiny model) and by every automatic one during training.
+    gc.freeze()
     t0 = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    finally:
+        gc.unfreeze()
     return Fit(time.monotonic() - t0, trainer.state.num_input_tokens_seen - tokens_before)
 
 

@@ -177,6 +177,36 @@ def test_a_second_divergence_never_overwrites_the_first_ones_quarantine(tmp_path
     assert (tmp_path / "checkpoint-10").is_dir(), "the last good checkpoint stays for --resume"
 
 
+def test_training_skips_the_objects_that_outlive_it_in_full_collections_and_gives_them_back():
+    """The Trainer runs a full garbage collection as it starts (0.3 s over the objects importing torch and
+    transformers made, 7 % of a 30-step run of the tiny model): they are frozen during training, not after, also
+    when training fails."""
+    import gc
+    from types import SimpleNamespace
+
+    from swiftci.train import _fit
+
+    seen = []
+
+    class Trainer:
+        state = SimpleNamespace(num_input_tokens_seen=5)
+
+        def __init__(self, fails=False):
+            self.fails = fails
+
+        def train(self, resume_from_checkpoint=None):
+            seen.append(gc.get_freeze_count())
+            if self.fails:
+                raise RuntimeError("out of memory")
+
+    assert gc.get_freeze_count() == 0
+    assert _fit(Trainer(), None).tokens == 5
+    with pytest.raises(RuntimeError):
+        _fit(Trainer(fails=True), None)
+    assert seen[0] > 10_000 and seen[1] > 10_000, seen  # the modules imported so far, at least
+    assert gc.get_freeze_count() == 0
+
+
 def test_a_loss_plot_that_cannot_be_drawn_costs_only_a_warning(tmp_path, monkeypatch, capsys):
     from swiftci import train
 
