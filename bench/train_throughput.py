@@ -4,8 +4,9 @@ defaults, `group_by_length` (one flag), and padding-free flattening — same mod
     .venv/bin/python bench/train_throughput.py [--steps 30] [--repeats 3]
 
 Everything runs in this one invocation, interleaved round by round, each run in its own process, on the tiny
-example model and two generated chat datasets: rows that vary in length like instruction data (40 to 400
-characters) and rows of one length. Throughput counts non-padding tokens per second of training-loop time. Prints,
+example model and two generated chat datasets of one epoch's rows (steps × batch): rows that vary in length like
+instruction data (40 to 400 characters) and rows of one length (25 five-letter words; their token counts still
+vary a little). Every contender trains on the same rows, each in its own sampler's order. Throughput counts non-padding tokens per second of training-loop time. Prints,
 for each data set and tuner, the medians and swiftci's ratio to the best baseline (goal >= 1.0): the ratio of
 the medians, and the median of each round's ratio.
 """
@@ -34,7 +35,7 @@ BATCH, MAX_LENGTH, LR = 16, 512, 1e-3
 SETUPS = ("defaults", "group_by_length", "padding_free")
 
 
-def make_data(path: Path, n: int = 3000, fixed: bool = False) -> None:
+def make_data(path: Path, n: int, fixed: bool = False) -> None:
     rng = random.Random(7)
     with open(path, "w") as f:
         for _ in range(n):
@@ -79,7 +80,9 @@ def main() -> None:
         print(f"{'data':9} {'tuner':5} {'swiftci':>8} " + " ".join(f"{s:>15}" for s in SETUPS) + "  ratio to best")
         for name, fixed in (("variable", False), ("fixed", True)):
             data = tmp / f"{name}.jsonl"
-            make_data(data, fixed=fixed)
+            # one epoch's rows: every contender trains on all of them, each in its own order (with more rows, each
+            # sampler's first steps would pick other rows of other lengths, and tokens/s would compare two loads)
+            make_data(data, n=args.steps * BATCH, fixed=fixed)
             for tuner in ("lora", "full"):
                 runs: dict[str, list[float]] = {"swiftci": [], **{s: [] for s in SETUPS}}
                 for i in range(args.repeats):  # interleaved: load on the machine hits every contender alike
