@@ -23,11 +23,15 @@ VQA = ROOT / "examples/tiny-vqa"
 
 @pytest.fixture(scope="session")
 def vqa(tiny_model, shared_dir):
-    """The example's vision-language base model and generated images, built once (a few seconds each)."""
+    """The example's vision-language base model and generated images, built (a few seconds each) when missing or
+    older than the script that makes them, as `make tiny-vqa` does."""
+    def stale(made: Path, maker: str) -> bool:
+        return not made.is_file() or made.stat().st_mtime < (VQA / maker).stat().st_mtime
+
     with FileLock(str(shared_dir / "tiny-vqa.lock")):
-        if not (VQA / "base-model/config.json").is_file():
+        if stale(VQA / "base-model/config.json", "build_base_model.py"):
             subprocess.run([sys.executable, str(VQA / "build_base_model.py")], check=True)
-        if not (VQA / "data/train.jsonl").is_file():
+        if stale(VQA / "data/train.jsonl", "make_data.py"):
             subprocess.run([sys.executable, str(VQA / "make_data.py")], check=True)
     return VQA
 
