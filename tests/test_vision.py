@@ -89,6 +89,25 @@ def test_training_makes_the_model_read_the_images(vqa_trained, tmp_path):
         assert sum(mine) / len(mine) >= 0.8, (question, sum(mine), len(mine))
 
 
+def test_a_stopped_run_resumes_to_the_losses_of_an_uninterrupted_one(vqa, tmp_path):
+    """Resume as for text: train.max_runtime stops the run at step 1 with a checkpoint; --resume continues from it
+    (the shuffled order of image rows included) and logs the losses one uninterrupted run logs."""
+    short = ["--set", "train.max_steps=12", "--set", "train.logging_steps=3", "--set", "train.save_steps=100"]
+
+    def losses(out: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in open(out / "train/loss.jsonl")]
+
+    straight = write_config(tmp_path / "straight/swiftci.yaml", vqa_config(tmp_path / "straight/out"))
+    assert swiftci_in_process("train", "-c", str(straight), *short).returncode == 0
+    cfg = write_config(tmp_path / "stopped/swiftci.yaml", vqa_config(tmp_path / "stopped/out"))
+    stopped = swiftci_in_process("train", "-c", str(cfg), *short, "--set", "train.max_runtime=1s")
+    assert stopped.returncode == 3 and "reached at step 1 of 12" in stopped.stderr, stopped.stderr
+    resumed = swiftci_in_process("train", "-c", str(cfg), *short, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert read_json(tmp_path / "stopped/out/train/train_report.json")["metrics"]["resumed_from_step"] == 1
+    assert losses(tmp_path / "stopped/out") == pytest.approx(losses(tmp_path / "straight/out"), rel=1e-4)
+
+
 def test_the_gate_fails_on_a_model_that_does_not_read_the_images(vqa, tmp_path):
     cfg = write_config(tmp_path / "swiftci.yaml", vqa_config(tmp_path / "out"))
     proc = swiftci_in_process("evaluate", "-c", str(cfg), "--model", str(VQA / "base-model"), "--baseline", "none")
@@ -139,6 +158,23 @@ def test_rows_with_images_are_refused_for_a_text_model(vqa, tiny_model, tmp_path
     proc = swiftci_in_process("train", "-c", str(cfg), "--set", f"data.train={train}", "--set",
                               "data.validation=null", "--set", f"model.id={tiny_model}")
     assert proc.returncode == 2 and "row 1 holds images, but model.id" in proc.stderr, proc.stderr
+
+
+def test_the_loss_is_on_the_answer_only_never_on_the_question_or_the_image(vqa):
+    from swiftci import vision
+
+    processor = vision.load_processor(str(VQA / "base-model"), None, VQA / "base-model")
+    row = _ask(str(VQA / "data/images/0000.png"), "How many circles?", "three")["messages"]
+    (example,), dropped = vision.tokenize([row], processor, max_length=64, source="rows.jsonl")
+    ids, labels = example["input_ids"], example["labels"]
+    learned = [t for t, label in zip(ids, labels) if label != -100]
+    assert dropped == 0 and learned == [label for label in labels if label != -100]  # labels are the ids themselves
+    assert processor.tokenizer.decode(learned).strip() in ("three<|end|>", "three")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_positions = [i for i, t in enumerate(ids) if t == image_token]
+    assert len(image_positions) == read_json(VQA / "base-model/config.json")["image_seq_length"]
+    assert all(labels[i] == -100 for i in image_positions)
+    assert example["vision"]["pixel_values"].shape[-2:] == (32, 32)
 
 
 def test_what_learns_the_tower_frozen_by_default_the_projector_fully(vqa):

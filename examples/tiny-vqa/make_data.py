@@ -3,8 +3,7 @@
     python examples/tiny-vqa/make_data.py [OUT_DIR]       # default: examples/tiny-vqa/data
 
 Each 32×32 image holds one coloured square (red, green, blue or yellow) and one to three black circles, each shape
-in its own 8×8 patch. Each row asks
-one question about one image, in the `messages` format with an image part:
+in its own 8×8 patch. Each row asks one question about one image, in the `messages` format with an image part:
 "What colour is the square?" (answer: the colour; chance 1/4) or "How many circles?" (one, two, three; chance 1/3).
 Writes images/*.png, train.jsonl (800 rows), validation.jsonl (100) and test.jsonl (100 held-out rows on images
 never trained on), plus the lm-eval task's rows (tasks/vqa.jsonl: the test rows as question, image, answer).
