@@ -6,7 +6,7 @@ Each 32×32 image holds one coloured square (red, green, blue or yellow) and one
 in its own 8×8 patch. Each row asks one question about one image, in the `messages` format with an image part:
 "What colour is the square?" (answer: the colour; chance 1/4) or "How many circles?" (one, two, three; chance 1/3).
 Writes images/*.png, train.jsonl (800 rows), validation.jsonl (100) and test.jsonl (100 held-out rows on images
-never trained on), plus the lm-eval task's rows (tasks/vqa.jsonl: the test rows as question, image, answer).
+never trained on), and last the lm-eval task's rows (vqa_task.jsonl: the test rows as question, image, answer).
 """
 
 from __future__ import annotations
