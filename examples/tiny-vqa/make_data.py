@@ -18,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SIZE, PATCH = 32, 8  # the tiny model's image and patch sizes (build_base_model.py)
+GRID = SIZE // PATCH  # patches per side
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 COUNTS = {1: "one", 2: "two", 3: "three"}
 SPLITS = {"train": 800, "validation": 100, "test": 100}
@@ -31,9 +32,9 @@ def _draw(rng: random.Random, colour: str, circles: int):
 
     img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    cells = rng.sample(range((SIZE // PATCH) ** 2), 1 + circles)
+    cells = rng.sample(range(GRID**2), 1 + circles)
     for i, cell in enumerate(cells):
-        x, y = cell % (SIZE // PATCH) * PATCH + 1, cell // (SIZE // PATCH) * PATCH + 1  # a 1-pixel margin
+        x, y = cell % GRID * PATCH + 1, cell // GRID * PATCH + 1  # a 1-pixel margin
         box = [x, y, x + PATCH - 3, y + PATCH - 3]
         if i == 0:
             draw.rectangle(box, fill=COLOURS[colour])
