@@ -281,3 +281,23 @@ class PadCollator:
             labels[i, :n] = torch.tensor(x["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class LabelledLogits:
+    """Wraps a collator so the model computes its logits only where a label is: `logits_to_keep`, a boolean mask of
+    the positions whose next token is learned, and `shift_labels`, those positions' labels, which transformers'
+    causal-LM loss takes as they are. Every other position's label is -100 and adds nothing to the loss, so the
+    loss and its gradients are those of the full logits, without the lm_head and the softmax over the vocabulary
+    for the prompt, the padding and the image tokens."""
+
+    def __init__(self, collate: Any):
+        self.collate = collate
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        out = self.collate(batch)
+        shifted = torch.nn.functional.pad(out["labels"], (0, 1), value=-100)[..., 1:]  # position t learns t + 1
+        keep = shifted != -100
+        out["logits_to_keep"], out["shift_labels"] = keep, shifted[keep]
+        return out

@@ -97,7 +97,8 @@ def memory_preflight(cfg: Config) -> None:
 
 @dataclass
 class Choice:
-    """A setting the stage decided at run time (train.packing, train.kernels), and why; the report keeps both."""
+    """A setting the stage decided at run time (train.packing, train.kernels, train.logits), and why; the report
+    keeps both."""
 
     used: str
     why: str
@@ -146,6 +147,29 @@ def packing_choice(cfg: Config, model: Any) -> Choice:
     return Choice("none", f"{attention} attention would need a dense mask over the whole flattened batch (about 4x "
                   "slower than padded batches of similar lengths, measured on CPU); rows of similar length are "
                   "batched together instead")
+
+
+def logits_choice(cfg: Config, model: Any, kernels: Choice) -> Choice:
+    """train.logits for this model: the logits only where a label is, when the model's own forward and loss take
+    them so (data.LabelledLogits)."""
+    import inspect
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    tc = cfg.train
+    if tc.logits == "all":
+        return Choice("all", "train.logits: all")
+    if tc.method != "sft":
+        return Choice("all", f"{tc.method}: trl's trainer computes the logits it needs")
+    if kernels.used == "liger":
+        return Choice("all", "Liger's fused linear cross-entropy never builds the logits")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's adapters
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return Choice("all", f"{type(base).__name__}.forward takes no logits_to_keep")
+    if getattr(base, "loss_function", None) is not ForCausalLMLoss:
+        return Choice("all", f"{type(base).__name__} has its own loss, not transformers' causal-LM loss")
+    return Choice("labelled", "computed only at the positions whose next token is learned: the lm_head and the "
+                  "loss skip every position without a label (prompts, padding, image tokens)")
 
 
 @dataclass
@@ -366,9 +390,10 @@ def _train(job: Job, stall: StallWatchdog) -> dict:
     parameters = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "total_parameters": sum(p.numel() for p in model.parameters())}  # before a merge changes them
     choices = {"packing": packing_choice(cfg, model), "kernels": kernels_choice(cfg)}
+    choices["logits"] = logits_choice(cfg, model, choices["kernels"])
     for name, choice in choices.items():
         print(f"train.{name}: {choice.used} ({choice.why})", flush=True)
-    trainer, progress = _make_trainer(job, model, tokenizer, data, precision, stall, choices["packing"])
+    trainer, progress = _make_trainer(job, model, tokenizer, data, precision, stall, choices)
     fit = _fit(trainer, job.last_checkpoint)
     if progress.out_of_time_at is not None:
         raise StageError(f"train.max_runtime ({tc.max_runtime}) reached at step {progress.out_of_time_at} of "
@@ -807,7 +832,7 @@ class _GroupedByLength:
 
 
 def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precision: str,
-                  stall: StallWatchdog, packing: Choice) -> tuple[Any, Progress]:
+                  stall: StallWatchdog, choices: dict[str, Choice]) -> tuple[Any, Progress]:
     from transformers import PrinterCallback, Trainer, TrainerCallback
 
     tc = job.cfg.train
@@ -822,7 +847,7 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
         trainer.remove_callback(PrinterCallback)
         return trainer, progress
     trainer = trainer_class(model=model, args=_training_arguments(job.cfg, job.checkpoints, precision),
-                            train_dataset=data.train, data_collator=_collator(packing, tokenizer, model),
+                            train_dataset=data.train, data_collator=_collator(choices, tokenizer, model),
                             processing_class=tokenizer, callbacks=[progress])
     # grouped by the global batch (every rank's share of one optimizer step), so N processes see the rows one
     # process would, split between them. Vision-language rows are shuffled, not grouped: their length says little but
@@ -838,7 +863,12 @@ def _make_trainer(job: Job, model: Any, tokenizer: Any, data: TrainData, precisi
     return trainer, progress
 
 
-def _collator(packing: Choice, tokenizer: Any, model: Any) -> Any:
+def _collator(choices: dict[str, Choice], tokenizer: Any, model: Any) -> Any:
+    collate = _batches(choices["packing"], tokenizer, model)
+    return datalib.LabelledLogits(collate) if choices["logits"].used == "labelled" else collate
+
+
+def _batches(packing: Choice, tokenizer: Any, model: Any) -> Any:
     if getattr(model.config, "vision_config", None) is not None:  # `tokenizer` is the processor
         return vision.Collator(tokenizer.tokenizer.pad_token_id)
     if packing.used == "padding_free":

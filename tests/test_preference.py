@@ -52,6 +52,7 @@ def test_each_method_learns_on_preference_pairs(tiny_model, tmp_path, method):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out/train/train_report.json").read_text())
     assert report["status"] == "ok" and report["method"] == method and "adapter" in report["outputs"]
+    assert report["logits"]["used"] == "all", "trl's trainers compute their own logits"
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out/train/loss.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x) for x in losses)
     half = len(losses) // 2

@@ -250,6 +250,47 @@ def test_padding_free_batches_give_the_padded_loss(tiny_model, tmp_path):
     assert padded["kernels"]["used"] == "none" and "liger-kernel" in padded["kernels"]["why"]
 
 
+def test_logits_only_where_a_label_is_give_the_full_logits_loss_and_gradients(tiny_model):
+    """data.LabelledLogits: the model projects only the positions whose next token is learned, and the loss and
+    every gradient are those of the full logits — padded and padding-free batches alike."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithFlattening
+
+    from swiftci import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(x) for x in (TINY / "data/train.jsonl").read_text().splitlines()[:6]]
+    tokenized, _ = data.tokenize_sft([r["messages"] for r in rows], tokenizer, 512, "train.jsonl")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for collate in (data.PadCollator(tokenizer.pad_token_id), DataCollatorWithFlattening(return_position_ids=True)):
+        full, full_grads = loss_and_grads(collate(tokenized))
+        batch = data.LabelledLogits(collate)(tokenized)
+        learned = int((batch["labels"][..., 1:] != -100).sum())
+        labelled, grads = loss_and_grads(batch)
+        assert 0 < learned < batch["labels"].numel() // 2, "the prompts are most of these rows"
+        assert labelled.logits.shape == (learned, model.config.vocab_size)
+        assert full.logits.shape[:-1] == batch["labels"].shape
+        assert labelled.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+        for name, grad in full_grads.items():
+            assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_a_run_with_logits_only_where_a_label_is_trains_to_the_same_losses(tiny_model, tmp_path):
+    labelled, labelled_losses, proc = _short_run(tiny_model, tmp_path / "auto")
+    full, full_losses, _ = _short_run(tiny_model, tmp_path / "all", logits="all")
+    assert len(labelled_losses) == 3 and labelled_losses == pytest.approx(full_losses, rel=1e-5)
+    assert labelled["logits"]["used"] == "labelled" and "next token is learned" in labelled["logits"]["why"]
+    assert full["logits"] == {"used": "all", "why": "train.logits: all"}
+    assert "train.logits: labelled (" in proc.stdout
+
+
 def test_liger_where_it_cannot_run_stops_before_loading(tiny_model, tmp_path):
     cfg = tiny_config(tiny_model, tmp_path / "out", train={"kernels": "liger"})
     proc = swiftci_in_process("train", "-c", str(write_config(tmp_path / "swiftci.yaml", cfg)))

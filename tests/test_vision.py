@@ -73,6 +73,7 @@ def test_training_records_the_images_with_the_data(vqa_trained):
     assert record["train"]["images"] == 800 and len(record["train"]["images_sha256"]) == 64
     assert record["validation"]["images"] == 100
     assert report["packing"]["used"] == "none" and "vision-language" in report["packing"]["why"]
+    assert report["logits"]["used"] == "labelled", "the image tokens and the question get no logits"
     assert (vqa_trained.out / "train/model/processor_config.json").is_file()  # it serves with its processor
 
 
