@@ -456,8 +456,8 @@ class TrainConfig(Section):
     logits: Literal["auto", "all"] = Field(
         default="auto", description="Where sft computes the logits: `auto` only at the positions whose next token "
         "is learned (the answers; the lm_head and the loss's softmax over the vocabulary skip the prompts, the "
-        "padding and the image tokens — the same loss and gradients, less time and memory, most with large "
-        "vocabularies), where the model's forward takes `logits_to_keep` and its loss is transformers' causal-LM "
+        "padding and the image tokens — the same loss and gradients up to rounding, less time and memory, most "
+        "with large vocabularies), where the model's forward takes `logits_to_keep` and its loss is transformers' causal-LM "
         "loss, else all; `all`: every position, as transformers' Trainer does. The report says which was used and "
         "why. Preference methods compute their own (`all`).")
     save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
@@ -564,9 +564,9 @@ class ThenConfig(Section):
 # Settings that guard or log a training but do not decide its weights: changing them neither blocks --resume nor
 # makes a finished run stale.
 # Where the training runs (launcher, kubernetes) decides no weight either: a cluster job of a config computes the
-# fingerprint a local run of it would.
+# fingerprint a local run of it would. Nor does train.logits: the same loss and gradients, over fewer positions.
 NOT_DECIDING = {"train": {"max_runtime", "watchdog", "logging_steps", "save_steps", "save_total_limit", "launcher",
-                          "kubernetes", "preflight"}}
+                          "kubernetes", "preflight", "logits"}}
 
 
 # --- evaluate --------------------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ element in the compute precision: 2 for bf16/fp16, 4 for fp32):
   kv the query and key/value widths), and the MLP's gate, up, activation and down-projection input
   (4·intermediate); plus the
   logits (e), their fp32 copy for the loss (4, when e is 2) and the loss's fp32 log-softmax (4) for every one of
-  b·s·vocabulary entries. sdpa/flash attention keeps no s×s matrix. With gradient checkpointing only each layer's
-  input is kept (h per token per layer) and one layer's activations are rebuilt at a time. Rows are
+  b·s·vocabulary entries — an upper bound under `train.logits: auto`, which builds them only for the positions
+  whose next token is learned, a share of the rows this pre-flight does not read. sdpa/flash attention keeps no s×s
+  matrix. With gradient checkpointing only each layer's input is kept (h per token per layer) and one layer's
+  activations are rebuilt at a time. Rows are
   `train.batch_size` (twice that for dpo, orpo and simpo, which run chosen and rejected together) of
   `train.max_length` tokens — the longest a batch can be.
 - an allowance of 1 GiB per GPU for the CUDA context, kernels and the caching allocator's slack (not measured

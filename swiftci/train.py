@@ -154,6 +154,7 @@ def logits_choice(cfg: Config, model: Any, kernels: Choice) -> Choice:
     them so (data.LabelledLogits)."""
     import inspect
 
+    import torch
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     tc = cfg.train
@@ -163,7 +164,12 @@ def logits_choice(cfg: Config, model: Any, kernels: Choice) -> Choice:
         return Choice("all", f"{tc.method}: trl's trainer computes the logits it needs")
     if kernels.used == "liger":
         return Choice("all", "Liger's fused linear cross-entropy never builds the logits")
+    if distributed.worker() is None and torch.cuda.device_count() > 1:
+        return Choice("all", f"one process on {torch.cuda.device_count()} GPUs: DataParallel would split the "
+                      "labels by count, not by row (train.distributed gives one process per GPU)")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's adapters
+    if getattr(base.config, "is_encoder_decoder", False):
+        return Choice("all", "an encoder-decoder model: its decoder's labels are not its input's, shifted")
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return Choice("all", f"{type(base).__name__}.forward takes no logits_to_keep")
     if getattr(base, "loss_function", None) is not ForCausalLMLoss:
@@ -789,6 +795,9 @@ def _training_arguments(cfg: Config, ckpt_dir: Path, precision: str) -> Any:
     tc = cfg.train
     return TrainingArguments(
         **_settings(cfg, ckpt_dir, precision), remove_unused_columns=False,
+        # the stage reads the validation loss only; gathering the logits (per-rank counts of labelled positions
+        # under train.logits: auto) across ranks would need equal sizes and holds them all in memory
+        prediction_loss_only=True,
         activation_checkpointing=tc.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None)
 

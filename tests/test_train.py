@@ -265,7 +265,8 @@ def test_logits_only_where_a_label_is_give_the_full_logits_loss_and_gradients(ti
 
     def loss_and_grads(batch):
         model.zero_grad()
-        out = model(**batch)
+        learned = (batch["labels"][..., 1:] != -100).sum()  # as the Trainer counts them for gradient accumulation
+        out = model(**batch, num_items_in_batch=learned)
         out.loss.backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -282,10 +283,21 @@ def test_logits_only_where_a_label_is_give_the_full_logits_loss_and_gradients(ti
             assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), name
 
 
-def test_a_run_with_logits_only_where_a_label_is_trains_to_the_same_losses(tiny_model, tmp_path):
+def test_a_run_with_logits_only_where_a_label_is_trains_to_the_same_losses(tiny_model, tmp_path, monkeypatch):
+    from swiftci import data
+
+    batches = []
+    collate = data.LabelledLogits.__call__
+    monkeypatch.setattr(data.LabelledLogits, "__call__", lambda self, rows: batches.append(collate(self, rows))
+                        or batches[-1])
     labelled, labelled_losses, proc = _short_run(tiny_model, tmp_path / "auto")
+    assert batches and all(b["logits_to_keep"].sum() < b["labels"].numel() for b in batches), "the model got them"
+    seen = len(batches)
     full, full_losses, _ = _short_run(tiny_model, tmp_path / "all", logits="all")
+    assert len(batches) == seen, "train.logits: all builds plain batches"
     assert len(labelled_losses) == 3 and labelled_losses == pytest.approx(full_losses, rel=1e-5)
+    validation = labelled["metrics"]["validation_loss"]
+    assert validation is not None and validation == pytest.approx(full["metrics"]["validation_loss"], rel=1e-5)
     assert labelled["logits"]["used"] == "labelled" and "next token is learned" in labelled["logits"]["why"]
     assert full["logits"] == {"used": "all", "why": "train.logits: all"}
     assert "train.logits: labelled (" in proc.stdout
