@@ -457,9 +457,9 @@ class TrainConfig(Section):
         default="auto", description="Where sft computes the logits: `auto` only at the positions whose next token "
         "is learned (the answers; the lm_head and the loss's softmax over the vocabulary skip the prompts, the "
         "padding and the image tokens — the same loss and gradients up to rounding, less time and memory, most "
-        "with large vocabularies), where the model's forward takes `logits_to_keep` and its loss is transformers' causal-LM "
-        "loss, else all; `all`: every position, as transformers' Trainer does. The report says which was used and "
-        "why. Preference methods compute their own (`all`).")
+        "with large vocabularies), where the model's forward takes `logits_to_keep` and its loss is "
+        "transformers' causal-LM loss, else all; `all`: every position, as transformers' Trainer does. The report "
+        "says which was used and why. Preference methods compute their own (`all`).")
     save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest removed).")
     logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
