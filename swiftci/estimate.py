@@ -23,14 +23,12 @@ element in the compute precision: 2 for bf16/fp16, 4 for fp32):
   input (an fp32 copy under 16-bit precision), normalized value and output (2 × 4h in bf16/fp16, 2 × 3h in fp32),
   the attention's query, key and value after the rotary embedding, its output and the o_proj input (3q + 2kv, q and
   kv the query and key/value widths), and the MLP's gate, up, activation and down-projection input
-  (4·intermediate); plus the
-  logits (e), their fp32 copy for the loss (4, when e is 2) and the loss's fp32 log-softmax (4) for every one of
-  b·s·vocabulary entries — an upper bound under `train.logits: auto`, which builds them only for the positions
-  whose next token is learned, a share of the rows this pre-flight does not read. sdpa/flash attention keeps no s×s
-  matrix. With gradient checkpointing only each layer's input is kept (h per token per layer) and one layer's
-  activations are rebuilt at a time. Rows are
-  `train.batch_size` (twice that for dpo, orpo and simpo, which run chosen and rejected together) of
-  `train.max_length` tokens — the longest a batch can be.
+  (4·intermediate); plus the logits (e), their fp32 copy for the loss (4, when e is 2) and the loss's fp32
+  log-softmax (4) for every one of b·s·vocabulary entries — an upper bound under `train.logits: auto`, which builds
+  them only for the positions whose next token is learned, a share of the rows this pre-flight does not read.
+  sdpa/flash attention keeps no s×s matrix. With gradient checkpointing only each layer's input is kept (h per token
+  per layer) and one layer's activations are rebuilt at a time. Rows are `train.batch_size` (twice that for dpo,
+  orpo and simpo, which run chosen and rejected together) of `train.max_length` tokens — the longest a batch can be.
 - an allowance of 1 GiB per GPU for the CUDA context, kernels and the caching allocator's slack (not measured
   here: no GPU was lent when this was written). On the tiny model on CPU, without it, the estimate was 0.94-1.08
   times torch's measured tensor peak (bench/estimate_accuracy.py); tools/gpu_check.py measures it on a GPU.

@@ -164,9 +164,10 @@ def logits_choice(cfg: Config, model: Any, kernels: Choice) -> Choice:
         return Choice("all", f"{tc.method}: trl's trainer computes the logits it needs")
     if kernels.used == "liger":
         return Choice("all", "Liger's fused linear cross-entropy never builds the logits")
-    if distributed.worker() is None and torch.cuda.device_count() > 1:
-        return Choice("all", f"one process on {torch.cuda.device_count()} GPUs: DataParallel would split the "
-                      "labels by count, not by row (train.distributed gives one process per GPU)")
+    gpus = torch.cuda.device_count()
+    if distributed.worker() is None and gpus > 1:
+        return Choice("all", f"one process on {gpus} GPUs: DataParallel would split the labels by count, not by "
+                      "row (train.distributed gives one process per GPU)")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's adapters
     if getattr(base.config, "is_encoder_decoder", False):
         return Choice("all", "an encoder-decoder model: its decoder's labels are not its input's, shifted")
